@@ -1,0 +1,195 @@
+/*
+ * test_abi_layout.c -- freezes ABI 1.0: the size of every boundary struct
+ * and the offset of every field, on LP64 targets. A layout change breaks
+ * the build here; the only legal change in a minor version is a new field
+ * at the end (update the size, add its offset, keep every line above).
+ */
+#include <check.h>
+#include <stddef.h>
+#include <stdlib.h>
+
+#include "kvc.h"
+
+#if UINTPTR_MAX == 0xffffffffffffffffu
+
+#define KVC_SIZE(T, n) _Static_assert(sizeof(T) == (n), "ABI 1.0 size of " #T " changed")
+#define KVC_LAYOUT(T, f, n) _Static_assert(offsetof(T, f) == (n), "ABI 1.0 offset of " #T "." #f " changed")
+
+KVC_SIZE(kvc_host, 48);
+KVC_LAYOUT(kvc_host, struct_size, 0);
+KVC_LAYOUT(kvc_host, reserved0, 4);
+KVC_LAYOUT(kvc_host, user_data, 8);
+KVC_LAYOUT(kvc_host, alloc, 16);
+KVC_LAYOUT(kvc_host, free, 24);
+KVC_LAYOUT(kvc_host, log, 32);
+KVC_LAYOUT(kvc_host, cuda_stream, 40);
+KVC_SIZE(kvc_geometry, 72);
+KVC_LAYOUT(kvc_geometry, struct_size, 0);
+KVC_LAYOUT(kvc_geometry, n_layers, 4);
+KVC_LAYOUT(kvc_geometry, n_heads, 8);
+KVC_LAYOUT(kvc_geometry, n_kv_heads, 12);
+KVC_LAYOUT(kvc_geometry, head_dim, 16);
+KVC_LAYOUT(kvc_geometry, hidden_size, 20);
+KVC_LAYOUT(kvc_geometry, max_positions, 24);
+KVC_LAYOUT(kvc_geometry, rope_style, 28);
+KVC_LAYOUT(kvc_geometry, rope_dims, 32);
+KVC_LAYOUT(kvc_geometry, rope_theta, 36);
+KVC_LAYOUT(kvc_geometry, rope_mscale, 40);
+KVC_LAYOUT(kvc_geometry, attn_scale, 44);
+KVC_LAYOUT(kvc_geometry, rope_inv_freq, 48);
+KVC_LAYOUT(kvc_geometry, sliding_window, 56);
+KVC_LAYOUT(kvc_geometry, kv_head_first, 60);
+KVC_LAYOUT(kvc_geometry, kv_head_count, 64);
+KVC_LAYOUT(kvc_geometry, reserved0, 68);
+KVC_SIZE(kvc_option_desc, 56);
+KVC_LAYOUT(kvc_option_desc, struct_size, 0);
+KVC_LAYOUT(kvc_option_desc, type, 4);
+KVC_LAYOUT(kvc_option_desc, name, 8);
+KVC_LAYOUT(kvc_option_desc, default_value, 16);
+KVC_LAYOUT(kvc_option_desc, choices, 24);
+KVC_LAYOUT(kvc_option_desc, min, 32);
+KVC_LAYOUT(kvc_option_desc, max, 40);
+KVC_LAYOUT(kvc_option_desc, help, 48);
+KVC_SIZE(kvc_create_info, 72);
+KVC_LAYOUT(kvc_create_info, struct_size, 0);
+KVC_LAYOUT(kvc_create_info, n_options, 4);
+KVC_LAYOUT(kvc_create_info, host, 8);
+KVC_LAYOUT(kvc_create_info, geometry, 16);
+KVC_LAYOUT(kvc_create_info, option_names, 24);
+KVC_LAYOUT(kvc_create_info, option_values, 32);
+KVC_LAYOUT(kvc_create_info, artifact, 40);
+KVC_LAYOUT(kvc_create_info, artifact_size, 48);
+KVC_LAYOUT(kvc_create_info, device, 56);
+KVC_LAYOUT(kvc_create_info, device_ordinal, 60);
+KVC_LAYOUT(kvc_create_info, dtype, 64);
+KVC_LAYOUT(kvc_create_info, reserved0, 68);
+KVC_SIZE(kvc_layer_weights, 64);
+KVC_LAYOUT(kvc_layer_weights, struct_size, 0);
+KVC_LAYOUT(kvc_layer_weights, reserved0, 4);
+KVC_LAYOUT(kvc_layer_weights, w_q, 8);
+KVC_LAYOUT(kvc_layer_weights, w_k, 16);
+KVC_LAYOUT(kvc_layer_weights, w_v, 24);
+KVC_LAYOUT(kvc_layer_weights, w_o, 32);
+KVC_LAYOUT(kvc_layer_weights, b_q, 40);
+KVC_LAYOUT(kvc_layer_weights, b_k, 48);
+KVC_LAYOUT(kvc_layer_weights, b_v, 56);
+KVC_SIZE(kvc_calib_chunk, 24);
+KVC_LAYOUT(kvc_calib_chunk, struct_size, 0);
+KVC_LAYOUT(kvc_calib_chunk, n_rows, 4);
+KVC_LAYOUT(kvc_calib_chunk, x, 8);
+KVC_LAYOUT(kvc_calib_chunk, positions, 16);
+KVC_SIZE(kvc_seq_stats, 72);
+KVC_LAYOUT(kvc_seq_stats, struct_size, 0);
+KVC_LAYOUT(kvc_seq_stats, reserved0, 4);
+KVC_LAYOUT(kvc_seq_stats, tokens_appended, 8);
+KVC_LAYOUT(kvc_seq_stats, head_tokens_resident, 16);
+KVC_LAYOUT(kvc_seq_stats, bytes_payload, 24);
+KVC_LAYOUT(kvc_seq_stats, bytes_metadata, 32);
+KVC_LAYOUT(kvc_seq_stats, bytes_reserved, 40);
+KVC_LAYOUT(kvc_seq_stats, bytes_fixed, 48);
+KVC_LAYOUT(kvc_seq_stats, bytes_resident, 56);
+KVC_LAYOUT(kvc_seq_stats, bytes_fp16_full, 64);
+KVC_SIZE(kvc_instance_stats, 40);
+KVC_LAYOUT(kvc_instance_stats, struct_size, 0);
+KVC_LAYOUT(kvc_instance_stats, reserved0, 4);
+KVC_LAYOUT(kvc_instance_stats, bytes_params, 8);
+KVC_LAYOUT(kvc_instance_stats, bytes_fixed, 16);
+KVC_LAYOUT(kvc_instance_stats, kv_ratio, 24);
+KVC_LAYOUT(kvc_instance_stats, seq_overhead_bytes, 32);
+KVC_SIZE(kvc_materialized, 40);
+KVC_LAYOUT(kvc_materialized, struct_size, 0);
+KVC_LAYOUT(kvc_materialized, capacity, 4);
+KVC_LAYOUT(kvc_materialized, n_tokens, 8);
+KVC_LAYOUT(kvc_materialized, positions, 16);
+KVC_LAYOUT(kvc_materialized, k, 24);
+KVC_LAYOUT(kvc_materialized, v, 32);
+KVC_SIZE(kvc_attend_item, 40);
+KVC_LAYOUT(kvc_attend_item, struct_size, 0);
+KVC_LAYOUT(kvc_attend_item, n_q, 4);
+KVC_LAYOUT(kvc_attend_item, seq, 8);
+KVC_LAYOUT(kvc_attend_item, positions, 16);
+KVC_LAYOUT(kvc_attend_item, q_pre, 24);
+KVC_LAYOUT(kvc_attend_item, out, 32);
+KVC_SIZE(kvc_plugin, 232);
+KVC_LAYOUT(kvc_plugin, struct_size, 0);
+KVC_LAYOUT(kvc_plugin, abi_version, 4);
+KVC_LAYOUT(kvc_plugin, id, 8);
+KVC_LAYOUT(kvc_plugin, name, 16);
+KVC_LAYOUT(kvc_plugin, version, 24);
+KVC_LAYOUT(kvc_plugin, description, 32);
+KVC_LAYOUT(kvc_plugin, license, 40);
+KVC_LAYOUT(kvc_plugin, caps, 48);
+KVC_LAYOUT(kvc_plugin, n_options, 56);
+KVC_LAYOUT(kvc_plugin, reserved0, 60);
+KVC_LAYOUT(kvc_plugin, options, 64);
+KVC_LAYOUT(kvc_plugin, create, 72);
+KVC_LAYOUT(kvc_plugin, destroy, 80);
+KVC_LAYOUT(kvc_plugin, instance_message, 88);
+KVC_LAYOUT(kvc_plugin, prepare_layer, 96);
+KVC_LAYOUT(kvc_plugin, finalize_layer, 104);
+KVC_LAYOUT(kvc_plugin, finalize, 112);
+KVC_LAYOUT(kvc_plugin, save, 120);
+KVC_LAYOUT(kvc_plugin, instance_stats, 128);
+KVC_LAYOUT(kvc_plugin, seq_open, 136);
+KVC_LAYOUT(kvc_plugin, seq_close, 144);
+KVC_LAYOUT(kvc_plugin, seq_message, 152);
+KVC_LAYOUT(kvc_plugin, append, 160);
+KVC_LAYOUT(kvc_plugin, attend, 168);
+KVC_LAYOUT(kvc_plugin, attend_batch, 176);
+KVC_LAYOUT(kvc_plugin, materialize, 184);
+KVC_LAYOUT(kvc_plugin, truncate, 192);
+KVC_LAYOUT(kvc_plugin, fork, 200);
+KVC_LAYOUT(kvc_plugin, seq_export, 208);
+KVC_LAYOUT(kvc_plugin, seq_import, 216);
+KVC_LAYOUT(kvc_plugin, seq_stats, 224);
+
+/* Enum values are frozen too. */
+_Static_assert(KVC_OK == 0 && KVC_E_INVALID == 1 && KVC_E_UNSUPPORTED == 2 && KVC_E_NOMEM == 3 &&
+                   KVC_E_CORRUPT == 4 && KVC_E_STATE == 5 && KVC_E_VERSION == 6 &&
+                   KVC_E_BUFFER == 7 && KVC_E_INTERNAL == 8,
+               "status codes changed");
+_Static_assert(KVC_ROPE_NONE == 0 && KVC_ROPE_ADJACENT == 1 && KVC_ROPE_HALVES == 2,
+               "rope styles changed");
+_Static_assert(KVC_OPT_BOOL == 0 && KVC_OPT_INT == 1 && KVC_OPT_FLOAT == 2 && KVC_OPT_ENUM == 3 &&
+                   KVC_OPT_STRING == 4,
+               "option types changed");
+_Static_assert(KVC_DTYPE_F32 == 0 && KVC_DTYPE_F16 == 1 && KVC_DTYPE_BF16 == 2, "dtypes changed");
+_Static_assert(KVC_MEM_HOST == 0 && KVC_MEM_CUDA == 1, "memory kinds changed");
+_Static_assert(KVC_USAGE_INSTANCE == 0 && KVC_USAGE_CACHE == 1 && KVC_USAGE_SCRATCH == 2,
+               "usages changed");
+_Static_assert(KVC_CAP_CPU == 1 && KVC_CAP_TOKEN_FLAGS == (UINT64_C(1) << 13), "caps changed");
+_Static_assert(KVC_TOKEN_SPECIAL == 1 && KVC_TOKEN_PUNCT == 2, "token flags changed");
+#endif
+
+START_TEST(version_macros)
+{
+    ck_assert_uint_eq(KVC_ABI_VERSION, 0x00010000u);
+    ck_assert_uint_eq(KVC_VERSION_MAJOR(KVC_MAKE_VERSION(3, 7)), 3);
+    ck_assert_uint_eq(KVC_VERSION_MINOR(KVC_MAKE_VERSION(3, 7)), 7);
+}
+END_TEST
+
+START_TEST(has_field_reads_struct_size)
+{
+    kvc_geometry g = {0};
+    g.struct_size = (uint32_t)offsetof(kvc_geometry, rope_inv_freq);
+    ck_assert(KVC_HAS_FIELD(&g, kvc_geometry, attn_scale));
+    ck_assert(!KVC_HAS_FIELD(&g, kvc_geometry, rope_inv_freq));
+    g.struct_size = sizeof g;
+    ck_assert(KVC_HAS_FIELD(&g, kvc_geometry, reserved0));
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("abi");
+    TCase *tc = tcase_create("layout");
+    tcase_add_test(tc, version_macros);
+    tcase_add_test(tc, has_field_reads_struct_size);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
