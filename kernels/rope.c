@@ -1,0 +1,111 @@
+/*
+ * rope.c -- rotary position embedding.
+ *
+ * Every token is rotated on its own: the angle pos * inv_freq[i] is formed
+ * in double, its cos and sin are taken in double and multiplied by mscale,
+ * the rotation is done in double and rounded to float once. Nothing depends
+ * on the other tokens of the call, so a token gives the same bits whatever
+ * batch it comes in (prefill vs. decode, re-rotation of cached keys).
+ */
+#include "kvck.h"
+
+#include <math.h>
+#include <string.h>
+
+int kvck_rope_init(kvck_rope *r, int style, int head_dim, int dims, float theta,
+                   const float *inv_freq, float mscale)
+{
+    kvck_rope t;
+
+    if (!r || style < 0 || style > 2 || head_dim <= 0 || head_dim > KVCK_MAX_HEAD_DIM)
+        return -1;
+    memset(&t, 0, sizeof t);
+    t.style = style;
+    t.head_dim = head_dim;
+    if (style == 0) {
+        /* No rotation: dims, theta and inv_freq are irrelevant, and an odd
+         * head_dim is legal (the ABI asks for even only when RoPE is used). */
+        t.dims = 0;
+        t.mscale = 1.0f;
+        *r = t;
+        return 0;
+    }
+    if (dims == 0)
+        dims = head_dim;
+    if (dims < 0 || (dims & 1) || dims > head_dim)
+        return -1;
+    if (mscale == 0.0f)
+        mscale = 1.0f;
+    if (!isfinite(mscale))
+        return -1;
+    t.dims = dims;
+    t.mscale = mscale;
+    for (int i = 0; i < dims / 2; i++) {
+        if (inv_freq) {
+            if (!isfinite(inv_freq[i]))
+                return -1;
+            t.inv_freq[i] = inv_freq[i];
+        } else {
+            if (!(theta > 0.0f) || !isfinite(theta))
+                return -1;
+            /* theta^(-2i/dims) in double, rounded once to float. */
+            t.inv_freq[i] = (float)pow((double)theta, -2.0 * (double)i / (double)dims);
+        }
+    }
+    *r = t;
+    return 0;
+}
+
+/* cos and sin (times mscale) of pos * inv_freq[i] for the half = dims/2
+ * pairs of one token. */
+static void rope_angles(const kvck_rope *r, int32_t pos, int half, double *c /* [half] */,
+                        double *s /* [half] */)
+{
+    const double ms = (double)r->mscale;
+    for (int i = 0; i < half; i++) {
+        double a = (double)pos * (double)r->inv_freq[i];
+        c[i] = cos(a) * ms;
+        s[i] = sin(a) * ms;
+    }
+}
+
+void kvck_rope_apply(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos,
+                     const float *x, float *y)
+{
+    const size_t hd = (size_t)r->head_dim;
+    const size_t dims = r->style == 0 ? 0 : (size_t)r->dims;
+    const size_t half = dims / 2;
+    double c[KVCK_MAX_HEAD_DIM / 2], s[KVCK_MAX_HEAD_DIM / 2]; /* [half] per token */
+
+    if (dims == 0) {
+        if (y != x)
+            memmove(y, x, n_tok * n_heads * hd * sizeof *y);
+        return;
+    }
+    for (size_t t = 0; t < n_tok; t++) {
+        /* Angles once per token, shared by all its heads. */
+        rope_angles(r, pos[t], (int)half, c, s);
+        for (size_t h = 0; h < n_heads; h++) {
+            const float *xr = x + (t * n_heads + h) * hd; /* [hd] */
+            float *yr = y + (t * n_heads + h) * hd;       /* [hd] */
+            /* Each pair is read into locals before either output is
+             * written, so y == x works. */
+            if (r->style == 1) {
+                for (size_t i = 0; i < half; i++) {
+                    double x0 = xr[2 * i], x1 = xr[2 * i + 1];
+                    yr[2 * i] = (float)(x0 * c[i] - x1 * s[i]);
+                    yr[2 * i + 1] = (float)(x0 * s[i] + x1 * c[i]);
+                }
+            } else {
+                for (size_t i = 0; i < half; i++) {
+                    double x0 = xr[i], x1 = xr[i + half];
+                    yr[i] = (float)(x0 * c[i] - x1 * s[i]);
+                    yr[i + half] = (float)(x0 * s[i] + x1 * c[i]);
+                }
+            }
+            /* Dimensions past `dims` pass through unrotated. */
+            if (yr != xr && hd > dims)
+                memcpy(yr + dims, xr + dims, (hd - dims) * sizeof *yr);
+        }
+    }
+}
