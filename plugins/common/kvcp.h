@@ -1,0 +1,171 @@
+/*
+ * kvcp.h -- code every kvc plugin shares: messages, host allocation,
+ * geometry validation, option parsing, and the framing of serialized blobs
+ * (artifacts and sequence exports).
+ *
+ * Linked statically with hidden visibility into each plugin: nothing here
+ * is part of the ABI. Prefix kvcp_. None of it prints, aborts or exits.
+ */
+#ifndef KVCP_H
+#define KVCP_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvc.h"
+#include "kvck.h"
+
+#define KVCP_MSG_SIZE 256
+
+/* Sizes of the v1.0 ABI structs: a struct_size below these is refused. */
+#define KVCP_V10_SIZE(type, last) (offsetof(type, last) + sizeof(((type *)0)->last))
+
+/* ---- messages ------------------------------------------------------------ */
+
+/* printf into msg[cap] (truncating, always NUL-terminated); returns `st`
+ * so error paths read `return kvcp_fail(msg, cap, KVC_E_INVALID, "...")`.
+ * msg may be NULL (nothing written). */
+kvc_status kvcp_fail(char *msg, size_t cap, kvc_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
+
+/* ---- host services ------------------------------------------------------- */
+
+/* Copies *src into *dst after checking struct_size and that alloc and free
+ * are set. Fields the host's (older) struct lacks are zero. */
+kvc_status kvcp_host_copy(kvc_host *dst, const kvc_host *src, char *msg, size_t cap);
+
+/* Host memory through the host allocator, 64-byte aligned. Zero-filled
+ * (callers rely on it for structs). NULL on failure or size 0. */
+void *kvcp_alloc(const kvc_host *h, size_t size, int32_t usage);
+void kvcp_free(const kvc_host *h, void *p, size_t size);
+
+/* Logs through the host when it has a logger. */
+void kvcp_log(const kvc_host *h, int32_t level, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* ---- geometry ------------------------------------------------------------ */
+
+/* The validated geometry a plugin works with: the whole model plus the
+ * shard this instance serves. */
+typedef struct kvcp_geom {
+    uint32_t n_layers, n_heads, n_kv_heads, head_dim, hidden_size, max_positions;
+    uint32_t window;    /* 0 = none */
+    uint32_t kv_first;  /* first KV head of the shard */
+    uint32_t n_kv;      /* KV heads of the shard */
+    uint32_t group;     /* query heads per KV head */
+    uint32_t n_q;       /* query heads of the shard = n_kv * group */
+    int32_t rope_style;
+    uint32_t rope_dims;
+    float rope_theta, rope_mscale;
+    float scale;        /* attention score scale in force */
+    kvck_rope rope;     /* ready-to-use rotation (inv_freq resolved) */
+} kvcp_geom;
+
+/* Validates g (struct size, counts, divisibility, head_dim limit, RoPE,
+ * shard range, finite scales) and fills *out. */
+kvc_status kvcp_geom_from(const kvc_geometry *g, kvcp_geom *out, char *msg, size_t cap);
+
+/* Checks the common create_info fields (struct size, host, geometry, CPU
+ * float32 only unless `allow_cuda`) and fills host and geometry. */
+kvc_status kvcp_create_common(const kvc_create_info *info, int allow_cuda,
+                              kvc_host *host, kvcp_geom *geom, char *msg, size_t cap);
+
+/* Bytes an fp16 full cache holds per token per layer for the shard:
+ * 2 (K and V) * n_kv * head_dim * 2 bytes. */
+uint64_t kvcp_fp16_bytes_per_token_layer(const kvcp_geom *g);
+
+/* Checks positions[n]: each in [0, max_positions), strictly increasing and
+ * greater than `after` (-1 = nothing held). */
+kvc_status kvcp_check_positions(const kvcp_geom *g, const int32_t *positions, uint32_t n,
+                                int64_t after, char *msg, size_t cap);
+
+/* ---- options --------------------------------------------------------------- */
+
+/* One parsed option value. */
+typedef struct kvcp_optval {
+    int set;         /* 1 when the host passed it, 0 when the default applies */
+    double num;      /* INT, FLOAT, BOOL (0/1), ENUM (index into choices) */
+    const char *str; /* the text (host's string or the default), valid during create */
+} kvcp_optval;
+
+/* Parses info's options against table[n] into vals[n]: defaults for unset
+ * ones; unknown names, duplicates, wrong types, out-of-range values and
+ * unknown enum words are INVALID with the option and the accepted values
+ * named. An unset option with default "" has set = 0, str = "". */
+kvc_status kvcp_parse_options(const kvc_option_desc *const *table, uint32_t n,
+                              const kvc_create_info *info, kvcp_optval *vals,
+                              char *msg, size_t cap);
+
+/* ---- serialized blobs ------------------------------------------------------ */
+
+/* Every blob: a 48-byte header then the payload.
+ *   0  char[4]  magic "KVC1"
+ *   4  u32      kind (KVCP_BLOB_*)
+ *   8  u32      format version of the payload
+ *  12  u32      CRC-32 of the payload
+ *  16  u64      payload bytes
+ *  24  char[16] plugin id, NUL-padded
+ *  40  u32      reserved, zero
+ *  44  u32      CRC-32 of bytes 0..43
+ * All integers little-endian. */
+#define KVCP_BLOB_HEADER 48u
+#define KVCP_BLOB_ARTIFACT 1u
+#define KVCP_BLOB_SEQUENCE 2u
+
+/* Bounded little-endian writer. With buf == NULL it only counts, so one
+ * function computes the size and writes the blob (size-then-copy). */
+typedef struct kvcp_writer {
+    uint8_t *buf;
+    size_t cap, pos;
+    int overflow;
+} kvcp_writer;
+
+void kvcp_w_init(kvcp_writer *w, void *buf, size_t cap);
+void kvcp_w_u32(kvcp_writer *w, uint32_t v);
+void kvcp_w_i32(kvcp_writer *w, int32_t v);
+void kvcp_w_u64(kvcp_writer *w, uint64_t v);
+void kvcp_w_f32(kvcp_writer *w, float v);
+void kvcp_w_bytes(kvcp_writer *w, const void *p, size_t n);
+
+/* Bounded reader: any read past the end sets err and returns zeros. */
+typedef struct kvcp_reader {
+    const uint8_t *p;
+    size_t size, pos;
+    int err;
+} kvcp_reader;
+
+void kvcp_r_init(kvcp_reader *r, const void *p, size_t size);
+uint32_t kvcp_r_u32(kvcp_reader *r);
+int32_t kvcp_r_i32(kvcp_reader *r);
+uint64_t kvcp_r_u64(kvcp_reader *r);
+float kvcp_r_f32(kvcp_reader *r);
+/* Pointer to the next n bytes (advancing), or NULL with err set. */
+const void *kvcp_r_view(kvcp_reader *r, size_t n);
+
+/* Writes the header in front of a payload already written at
+ * blob + KVCP_BLOB_HEADER (payload_size bytes). */
+void kvcp_blob_seal(void *blob, uint32_t kind, uint32_t version, const char *plugin_id,
+                    uint64_t payload_size);
+
+/* Checks a blob of `size` bytes: header length, magic, header CRC, kind,
+ * plugin id, format version <= max_version, payload length, payload CRC.
+ * On success *payload reads the payload and *version is its format.
+ * CORRUPT for damage, VERSION for a newer format, INVALID for a blob of
+ * another kind or plugin; the message names the mismatch. */
+kvc_status kvcp_blob_open(const void *blob, size_t size, uint32_t kind, uint32_t max_version,
+                          const char *plugin_id, kvcp_reader *payload, uint32_t *version,
+                          char *msg, size_t cap);
+
+/* Geometry record inside blobs, so a blob made for another model or shard
+ * is refused by name. */
+void kvcp_geom_write(kvcp_writer *w, const kvcp_geom *g);
+kvc_status kvcp_geom_read_check(kvcp_reader *r, const kvcp_geom *g, char *msg, size_t cap);
+
+#endif /* KVCP_H */

@@ -1,0 +1,304 @@
+/*
+ * kvc-full.so: the exact KV cache every compressor is measured against.
+ * This file: the descriptor, options, instance and sequence lifecycle,
+ * stats. Storage is in full_store.c, attention in full_attend.c,
+ * export/import in full_io.c.
+ */
+#include <string.h>
+
+#include "full.h"
+
+/* ---- options ------------------------------------------------------------- */
+
+enum { OPT_DTYPE, OPT_KV_RATIO, OPT_BLOCK_TOKENS, N_OPTS };
+
+static const kvc_option_desc opt_dtype = {
+    sizeof(kvc_option_desc), KVC_OPT_ENUM, "dtype", "fp32", "fp32|fp16", 0, 0,
+    "Storage type of the cached keys and values: fp32 is exact, fp16 halves the memory."};
+static const kvc_option_desc opt_kv_ratio = {
+    sizeof(kvc_option_desc), KVC_OPT_FLOAT, "kv_ratio", "", NULL, 0.01, 64.0,
+    "Memory budget as a fraction of an fp16 full cache; picks dtype when dtype is not given, "
+    "refused when below what the storage needs (1.0062 for fp16 with 64-token blocks)."};
+static const kvc_option_desc opt_block_tokens = {
+    sizeof(kvc_option_desc), KVC_OPT_INT, "block_tokens", "64", NULL, 1, 65536,
+    "Tokens per storage block: memory grows one block per layer at a time."};
+static const kvc_option_desc *const full_options[N_OPTS] = {&opt_dtype, &opt_kv_ratio,
+                                                           &opt_block_tokens};
+
+/* ---- budget --------------------------------------------------------------- */
+
+/* Worst-case resident bytes per token per layer as a fraction of fp16 full:
+ * payload, a position when positions have gaps, and the block table's
+ * share (two entries per block after doubling). */
+static double declared_ratio(const kvcp_geom *g, size_t elem, uint32_t block_tokens)
+{
+    double payload = 2.0 * g->n_kv * g->head_dim * (double)elem;
+    double meta = sizeof(int32_t) + 2.0 * sizeof(full_block) / block_tokens;
+    return (payload + meta) / (double)kvcp_fp16_bytes_per_token_layer(g);
+}
+
+size_t full_seq_fixed_bytes(const kvc_instance *inst)
+{
+    return sizeof(struct kvc_seq) + (size_t)inst->g.n_layers * sizeof(full_layer);
+}
+
+/* ---- instance ------------------------------------------------------------- */
+
+static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, char *msg,
+                              size_t msg_size)
+{
+    kvc_host host;
+    kvcp_geom g;
+    if (!out)
+        return kvcp_fail(msg, msg_size, KVC_E_INVALID, "out pointer is NULL");
+    kvc_status st = kvcp_create_common(info, 0, &host, &g, msg, msg_size);
+    if (st)
+        return st;
+    if (info->artifact || info->artifact_size)
+        return kvcp_fail(msg, msg_size, KVC_E_INVALID,
+                         "full needs no artifact, but one was given");
+    kvcp_optval v[N_OPTS];
+    st = kvcp_parse_options(full_options, N_OPTS, info, v, msg, msg_size);
+    if (st)
+        return st;
+
+    int dtype = (int)v[OPT_DTYPE].num;
+    uint32_t block_tokens = (uint32_t)v[OPT_BLOCK_TOKENS].num;
+    double r32 = declared_ratio(&g, 4, block_tokens), r16 = declared_ratio(&g, 2, block_tokens);
+    if (v[OPT_KV_RATIO].set) {
+        double want = v[OPT_KV_RATIO].num;
+        if (!v[OPT_DTYPE].set)
+            dtype = want >= r32 ? FULL_F32 : FULL_F16;
+        double need = dtype == FULL_F32 ? r32 : r16;
+        if (want < need)
+            return kvcp_fail(msg, msg_size, KVC_E_INVALID,
+                             "kv_ratio %g is below what full's %s storage needs (%.4f, "
+                             "positions and block tables counted); full does not compress",
+                             want, dtype == FULL_F32 ? "fp32" : "fp16", need);
+    }
+
+    kvc_instance *in = kvcp_alloc(&host, sizeof *in, KVC_USAGE_INSTANCE);
+    if (!in)
+        return kvcp_fail(msg, msg_size, KVC_E_NOMEM, "out of memory for the instance");
+    if (pthread_mutex_init(&in->lock, NULL)) {
+        kvcp_free(&host, in, sizeof *in);
+        return kvcp_fail(msg, msg_size, KVC_E_INTERNAL, "pthread_mutex_init failed");
+    }
+    in->host = host;
+    in->g = g;
+    in->dtype = dtype;
+    in->block_tokens = block_tokens;
+    in->elem = dtype == FULL_F32 ? 4 : 2;
+    in->block_bytes = 2ull * g.n_kv * block_tokens * g.head_dim * in->elem;
+    in->kv_ratio = dtype == FULL_F32 ? r32 : r16;
+    /* Per layer: one partly filled block, its position array, and the
+     * block table's initial entries plus rounding; plus the fixed structs. */
+    in->seq_overhead = full_seq_fixed_bytes(in) +
+                       (uint64_t)g.n_layers *
+                           (in->block_bytes + (uint64_t)block_tokens * sizeof(int32_t) +
+                            (FULL_TABLE_INIT + 2) * sizeof(full_block));
+    *out = in;
+    return KVC_OK;
+}
+
+static void seq_free(kvc_seq *s)
+{
+    kvc_instance *in = s->inst;
+    full_layers_release(in, s->layers, &s->bytes_blocks, &s->bytes_pos, &s->bytes_table);
+    kvcp_free(&in->host, s->layers, (size_t)in->g.n_layers * sizeof(full_layer));
+    kvcp_free(&in->host, s, sizeof *s);
+}
+
+static void full_destroy(kvc_instance *in)
+{
+    if (!in)
+        return;
+    unsigned left = 0;
+    while (in->seqs) {
+        kvc_seq *s = in->seqs;
+        in->seqs = s->next;
+        seq_free(s);
+        left++;
+    }
+    if (left)
+        kvcp_log(&in->host, KVC_LOG_WARN, "full: destroy freed %u sequence(s) left open", left);
+    pthread_mutex_destroy(&in->lock);
+    kvc_host host = in->host;
+    kvcp_free(&host, in, sizeof *in);
+}
+
+static const char *full_instance_message(const kvc_instance *in)
+{
+    return in ? in->msg : "instance is NULL";
+}
+
+static kvc_status full_prepare_layer(kvc_instance *in, uint32_t layer,
+                                     const kvc_layer_weights *w, const kvc_calib_chunk *c)
+{
+    (void)layer, (void)w, (void)c;
+    if (!in)
+        return KVC_E_INVALID;
+    return kvcp_fail(in->msg, sizeof in->msg, KVC_E_UNSUPPORTED,
+                     "full needs no preparation (no weights, no calibration)");
+}
+
+static kvc_status full_finalize_layer(kvc_instance *in, uint32_t layer)
+{
+    if (!in)
+        return KVC_E_INVALID;
+    if (layer >= in->g.n_layers)
+        return kvcp_fail(in->msg, sizeof in->msg, KVC_E_INVALID, "layer %u >= n_layers %u",
+                         layer, in->g.n_layers);
+    return KVC_OK; /* ready since create */
+}
+
+static kvc_status full_finalize(kvc_instance *in)
+{
+    return in ? KVC_OK : KVC_E_INVALID;
+}
+
+static kvc_status full_save(kvc_instance *in, void *buf, size_t buf_size, size_t *size)
+{
+    (void)buf, (void)buf_size, (void)size;
+    if (!in)
+        return KVC_E_INVALID;
+    return kvcp_fail(in->msg, sizeof in->msg, KVC_E_UNSUPPORTED,
+                     "full has no parameters, so no artifact to save");
+}
+
+static kvc_status full_instance_stats(const kvc_instance *in, kvc_instance_stats *out)
+{
+    if (!in || !out)
+        return KVC_E_INVALID;
+    if (out->struct_size < KVCP_V10_SIZE(kvc_instance_stats, seq_overhead_bytes))
+        return KVC_E_VERSION;
+    kvc_instance_stats st = {0};
+    st.bytes_params = 0;
+    st.bytes_fixed = sizeof *in;
+    st.kv_ratio = in->kv_ratio;
+    st.seq_overhead_bytes = in->seq_overhead;
+    uint32_t keep = out->struct_size;
+    memcpy(out, &st, keep < sizeof st ? keep : sizeof st);
+    out->struct_size = keep;
+    return KVC_OK;
+}
+
+/* ---- sequences ------------------------------------------------------------ */
+
+static kvc_status full_seq_open(kvc_instance *in, kvc_seq **out)
+{
+    if (!in || !out)
+        return KVC_E_INVALID;
+    kvc_seq *s = kvcp_alloc(&in->host, sizeof *s, KVC_USAGE_CACHE);
+    if (!s)
+        return KVC_E_NOMEM;
+    s->layers = kvcp_alloc(&in->host, (size_t)in->g.n_layers * sizeof(full_layer),
+                           KVC_USAGE_CACHE);
+    if (!s->layers) {
+        kvcp_free(&in->host, s, sizeof *s);
+        return KVC_E_NOMEM;
+    }
+    for (uint32_t l = 0; l < in->g.n_layers; l++)
+        s->layers[l].last_pos = -1;
+    s->inst = in;
+    pthread_mutex_lock(&in->lock);
+    s->next = in->seqs;
+    if (in->seqs)
+        in->seqs->prev = s;
+    in->seqs = s;
+    pthread_mutex_unlock(&in->lock);
+    *out = s;
+    return KVC_OK;
+}
+
+static void full_seq_close(kvc_seq *s)
+{
+    if (!s)
+        return;
+    kvc_instance *in = s->inst;
+    pthread_mutex_lock(&in->lock);
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        in->seqs = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    pthread_mutex_unlock(&in->lock);
+    seq_free(s);
+}
+
+static const char *full_seq_message(const kvc_seq *s)
+{
+    return s ? s->msg : "sequence is NULL";
+}
+
+static kvc_status full_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
+{
+    if (!s || !out)
+        return KVC_E_INVALID;
+    if (out->struct_size < KVCP_V10_SIZE(kvc_seq_stats, bytes_fp16_full))
+        return KVC_E_VERSION;
+    const kvc_instance *in = s->inst;
+    kvc_seq_stats st = {0};
+    uint64_t tokens = 0;
+    for (uint32_t l = 0; l < in->g.n_layers; l++)
+        tokens += s->layers[l].n;
+    st.tokens_appended = tokens;
+    st.head_tokens_resident = tokens * in->g.n_kv;
+    st.bytes_payload = tokens * 2ull * in->g.n_kv * in->g.head_dim * in->elem;
+    st.bytes_reserved = s->bytes_blocks - st.bytes_payload;
+    st.bytes_metadata = s->bytes_pos + s->bytes_table;
+    st.bytes_fixed = full_seq_fixed_bytes(in);
+    st.bytes_resident = st.bytes_payload + st.bytes_reserved + st.bytes_metadata + st.bytes_fixed;
+    st.bytes_fp16_full = tokens * kvcp_fp16_bytes_per_token_layer(&in->g);
+    uint32_t keep = out->struct_size;
+    memcpy(out, &st, keep < sizeof st ? keep : sizeof st);
+    out->struct_size = keep;
+    return KVC_OK;
+}
+
+/* ---- descriptor ------------------------------------------------------------ */
+
+static const kvc_plugin full_plugin = {
+    .struct_size = sizeof(kvc_plugin),
+    .abi_version = KVC_ABI_VERSION,
+    .id = FULL_ID,
+    .name = "Full (exact) KV cache",
+    .version = "1.0.0",
+    .description =
+        "The uncompressed control: keys (after RoPE) and values stored exactly in fp32, or in "
+        "fp16, in paged blocks; exact causal GQA attention with a streaming softmax. Every "
+        "compressor is measured against it.",
+    .license = "MIT",
+    .caps = KVC_CAP_CPU | KVC_CAP_MATERIALIZE | KVC_CAP_EXPORT | KVC_CAP_TRUNCATE |
+            KVC_CAP_FORK | KVC_CAP_EXACT,
+    .n_options = N_OPTS,
+    .options = full_options,
+    .create = full_create,
+    .destroy = full_destroy,
+    .instance_message = full_instance_message,
+    .prepare_layer = full_prepare_layer,
+    .finalize_layer = full_finalize_layer,
+    .finalize = full_finalize,
+    .save = full_save,
+    .instance_stats = full_instance_stats,
+    .seq_open = full_seq_open,
+    .seq_close = full_seq_close,
+    .seq_message = full_seq_message,
+    .append = full_append,
+    .attend = full_attend,
+    .attend_batch = full_attend_batch,
+    .materialize = full_materialize,
+    .truncate = full_truncate,
+    .fork = full_fork,
+    .seq_export = full_export,
+    .seq_import = full_import,
+    .seq_stats = full_seq_stats,
+};
+
+KVC_EXPORT const kvc_plugin *kvc_plugin_entry(uint32_t host_abi_version)
+{
+    if (KVC_VERSION_MAJOR(host_abi_version) != KVC_ABI_VERSION_MAJOR)
+        return NULL;
+    return &full_plugin;
+}

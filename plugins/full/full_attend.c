@@ -1,0 +1,237 @@
+/*
+ * kvc-full.so attention: queries are rotated once, then for each KV head and
+ * chunk of queries the streaming kernel walks the layer's blocks. Blocks
+ * past the last query position are never touched; fp16 blocks are widened
+ * one head-block at a time.
+ */
+#include <string.h>
+
+#include "full.h"
+
+/* Queries per pass over the blocks: bounds scratch for long prefills. */
+#define FULL_Q_CHUNK 64u
+
+/* Scratch layout of one attend call, in floats (int32 positions share the
+ * float size). */
+typedef struct attend_scratch {
+    float *q_rot; /* [n_q][n_q_heads][head_dim] rotated, scaled */
+    float *q_buf; /* [chunk * group][head_dim] one KV head's query rows */
+    float *o_buf; /* [chunk * group][head_dim] their outputs */
+    float *k_buf; /* [block_tokens][head_dim] widened keys (fp16 storage) */
+    float *v_buf; /* [block_tokens][head_dim] widened values */
+    int32_t *k_pos; /* [block_tokens] positions of a contiguous block */
+    float *attn;  /* kvck_attn scratch */
+} attend_scratch;
+
+static size_t scratch_floats(const kvc_instance *in, uint32_t max_q)
+{
+    const kvcp_geom *g = &in->g;
+    size_t rows = (size_t)FULL_Q_CHUNK * g->group;
+    size_t d = g->head_dim, B = in->block_tokens;
+    return (size_t)max_q * g->n_q * d + 2 * rows * d + 2 * B * d + B +
+           kvck_attn_scratch_floats(rows, d, B);
+}
+
+static void scratch_carve(const kvc_instance *in, uint32_t max_q, float *base, attend_scratch *sc)
+{
+    const kvcp_geom *g = &in->g;
+    size_t rows = (size_t)FULL_Q_CHUNK * g->group;
+    size_t d = g->head_dim, B = in->block_tokens;
+    sc->q_rot = base;
+    sc->q_buf = sc->q_rot + (size_t)max_q * g->n_q * d;
+    sc->o_buf = sc->q_buf + rows * d;
+    sc->k_buf = sc->o_buf + rows * d;
+    sc->v_buf = sc->k_buf + B * d;
+    sc->k_pos = (int32_t *)(sc->v_buf + B * d);
+    sc->attn = (float *)(sc->k_pos + B);
+}
+
+/* Checks one attend request; the message goes to the sequence. */
+static kvc_status check_attend(kvc_seq *s, uint32_t layer, uint32_t n_q,
+                               const int32_t *positions, const void *q_pre, const void *out)
+{
+    const kvcp_geom *g = &s->inst->g;
+    if (layer >= g->n_layers)
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID, "attend: layer %u >= n_layers %u",
+                         layer, g->n_layers);
+    if (n_q == 0 || n_q > g->max_positions)
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                         "attend: query count %u is not in [1, max_positions %u]", n_q,
+                         g->max_positions);
+    if (!positions || !q_pre || !out)
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                         "attend: positions, q_pre and out must not be NULL");
+    for (uint32_t i = 0; i < n_q; i++)
+        if (positions[i] < 0 || (uint32_t)positions[i] >= g->max_positions)
+            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                             "attend: query position %d (query %u) is outside [0, %u)",
+                             (int)positions[i], i, g->max_positions);
+    if (!kvck_all_finite(q_pre, (size_t)n_q * g->n_q * g->head_dim))
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                         "attend: q_pre holds NaN or Inf (layer %u)", layer);
+    return KVC_OK;
+}
+
+/* The attention itself; cannot fail once scratch exists. */
+static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *positions,
+                        const float *q_pre, float *out, const attend_scratch *sc)
+{
+    const kvc_instance *in = s->inst;
+    const kvcp_geom *g = &in->g;
+    const full_layer *L = &s->layers[layer];
+    const size_t d = g->head_dim, G = g->group, B = in->block_tokens;
+
+    kvck_rope_apply(&g->rope, n_q, g->n_q, positions, q_pre, sc->q_rot);
+    size_t nq_all = (size_t)n_q * g->n_q * d;
+    for (size_t i = 0; i < nq_all; i++)
+        sc->q_rot[i] *= g->scale;
+
+    for (uint32_t q0 = 0; q0 < n_q; q0 += FULL_Q_CHUNK) {
+        uint32_t nc = n_q - q0 < FULL_Q_CHUNK ? n_q - q0 : FULL_Q_CHUNK;
+        int32_t qmin = positions[q0], qmax = positions[q0];
+        for (uint32_t i = 1; i < nc; i++) {
+            int32_t p = positions[q0 + i];
+            qmin = p < qmin ? p : qmin;
+            qmax = p > qmax ? p : qmax;
+        }
+        size_t rows = (size_t)nc * G;
+        for (uint32_t h = 0; h < g->n_kv; h++) {
+            /* Gather this KV head's query rows: row (i, j) = query i, head h*G+j. */
+            for (uint32_t i = 0; i < nc; i++)
+                memcpy(sc->q_buf + (size_t)i * G * d,
+                       sc->q_rot + ((size_t)(q0 + i) * g->n_q + (size_t)h * G) * d,
+                       G * d * sizeof(float));
+            kvck_attn a;
+            kvck_attn_init(&a, rows, G, d, d, B, g->window, positions + q0, sc->attn);
+            for (uint32_t b = 0; b < L->n_blocks; b++) {
+                const full_block *fb = &L->blocks[b];
+                uint32_t nb = (b + 1 == L->n_blocks) ? L->n - b * (uint32_t)B : (uint32_t)B;
+                int32_t first = full_block_pos(fb, 0), last = full_block_pos(fb, nb - 1);
+                if (first > qmax)
+                    break; /* positions only grow from here */
+                if (g->window && (int64_t)qmin - last >= (int64_t)g->window)
+                    continue; /* the whole block is out of every query's window */
+                const int32_t *kp = fb->pos;
+                if (!kp) {
+                    for (uint32_t i = 0; i < nb; i++)
+                        sc->k_pos[i] = fb->pos0 + (int32_t)i;
+                    kp = sc->k_pos;
+                }
+                const float *k, *v;
+                if (in->dtype == FULL_F32) {
+                    k = full_block_k(in, fb, h);
+                    v = full_block_v(in, fb, h);
+                } else {
+                    kvck_f16_to_f32_n(full_block_k(in, fb, h), sc->k_buf, nb * d);
+                    kvck_f16_to_f32_n(full_block_v(in, fb, h), sc->v_buf, nb * d);
+                    k = sc->k_buf;
+                    v = sc->v_buf;
+                }
+                kvck_attn_block(&a, sc->q_buf, d, k, d, v, d, kp, nb);
+            }
+            kvck_attn_finish(&a, sc->o_buf, d);
+            for (uint32_t i = 0; i < nc; i++)
+                memcpy(out + ((size_t)(q0 + i) * g->n_q + (size_t)h * G) * d,
+                       sc->o_buf + (size_t)i * G * d, G * d * sizeof(float));
+        }
+    }
+}
+
+kvc_status full_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *positions,
+                       const void *q_pre, void *out)
+{
+    if (!s)
+        return KVC_E_INVALID;
+    kvc_status st = check_attend(s, layer, n_q, positions, q_pre, out);
+    if (st)
+        return st;
+    const kvc_instance *in = s->inst;
+    size_t bytes = scratch_floats(in, n_q) * sizeof(float);
+    float *base = kvcp_alloc(&in->host, bytes, KVC_USAGE_SCRATCH);
+    if (!base)
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_NOMEM,
+                         "attend: out of memory for scratch (%zu bytes)", bytes);
+    attend_scratch sc;
+    scratch_carve(in, n_q, base, &sc);
+    attend_core(s, layer, n_q, positions, q_pre, out, &sc);
+    kvcp_free(&in->host, base, bytes);
+    return KVC_OK;
+}
+
+kvc_status full_attend_batch(kvc_instance *in, uint32_t layer, uint32_t n_items,
+                             const kvc_attend_item *const *items)
+{
+    if (!in || (n_items && !items))
+        return KVC_E_INVALID;
+    uint32_t max_q = 0;
+    for (uint32_t i = 0; i < n_items; i++) {
+        const kvc_attend_item *it = items[i];
+        if (!it || it->struct_size < KVCP_V10_SIZE(kvc_attend_item, out) || !it->seq)
+            return KVC_E_INVALID; /* no sequence to carry a message */
+        kvc_seq *s = it->seq;
+        if (s->inst != in)
+            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                             "attend_batch: item %u's sequence belongs to another instance", i);
+        for (uint32_t j = 0; j < i; j++)
+            if (items[j]->seq == s)
+                return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                                 "attend_batch: items %u and %u name the same sequence", j, i);
+        kvc_status st = check_attend(s, layer, it->n_q, it->positions, it->q_pre, it->out);
+        if (st)
+            return st;
+        max_q = it->n_q > max_q ? it->n_q : max_q;
+    }
+    if (!n_items)
+        return KVC_OK;
+    size_t bytes = scratch_floats(in, max_q) * sizeof(float);
+    float *base = kvcp_alloc(&in->host, bytes, KVC_USAGE_SCRATCH);
+    if (!base) {
+        kvc_seq *s = items[0]->seq;
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_NOMEM,
+                         "attend_batch: out of memory for scratch (%zu bytes)", bytes);
+    }
+    attend_scratch sc;
+    scratch_carve(in, max_q, base, &sc);
+    for (uint32_t i = 0; i < n_items; i++) {
+        const kvc_attend_item *it = items[i];
+        attend_core(it->seq, layer, it->n_q, it->positions, it->q_pre, it->out, &sc);
+    }
+    kvcp_free(&in->host, base, bytes);
+    return KVC_OK;
+}
+
+kvc_status full_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
+{
+    if (!s)
+        return KVC_E_INVALID;
+    const kvc_instance *in = s->inst;
+    const kvcp_geom *g = &in->g;
+    if (!out || out->struct_size < KVCP_V10_SIZE(kvc_materialized, v) || !out->n_tokens)
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                         "materialize: out is NULL, too small, or has no n_tokens array");
+    if (layer >= g->n_layers)
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                         "materialize: layer %u >= n_layers %u", layer, g->n_layers);
+    const full_layer *L = &s->layers[layer];
+    if (out->positions && out->capacity < L->n)
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_BUFFER,
+                         "materialize: capacity %u is below the %u tokens held", out->capacity,
+                         L->n);
+    for (uint32_t h = 0; h < g->n_kv; h++)
+        out->n_tokens[h] = L->n;
+    if (!out->positions)
+        return KVC_OK;
+    const size_t d = g->head_dim, cap = out->capacity;
+    for (uint32_t t = 0; t < L->n; t++) {
+        const full_block *fb = &L->blocks[t / in->block_tokens];
+        uint32_t i = t % in->block_tokens;
+        for (uint32_t h = 0; h < g->n_kv; h++) {
+            out->positions[h * cap + t] = full_block_pos(fb, i);
+            if (out->k)
+                full_read_row(in, full_block_k(in, fb, h), i, out->k + (h * cap + t) * d);
+            if (out->v)
+                full_read_row(in, full_block_v(in, fb, h), i, out->v + (h * cap + t) * d);
+        }
+    }
+    return KVC_OK;
+}
