@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test job: set up, build, run every Check suite, then again under
+# AddressSanitizer + UndefinedBehaviorSanitizer and the threaded tests under
+# ThreadSanitizer. Tests that need what is absent (a GPU) report SKIP.
+set -euo pipefail
+here=$(dirname "$0")
+bash "$here/setup.sh"
+bash "$here/build.sh"
+source "$here/env.sh"
+# One BLAS thread: the tests' threads are the plugin's callers, and
+# sanitizers cannot see inside OpenBLAS's own thread pool.
+export OPENBLAS_NUM_THREADS=1
+
+echo "== tests (release build)"
+meson test -C "$KVC_BUILD" --print-errorlogs
+
+echo "== tests under ASan + UBSan"
+asan=$KVC_ROOT/build-asan
+[ -f "$asan/build.ninja" ] || meson setup "$asan" "$KVC_ROOT" --buildtype=debugoptimized \
+  -Db_sanitize=address,undefined -Db_lundef=false -Dcuda=disabled >/dev/null
+ninja -C "$asan" >/dev/null
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+  meson test -C "$asan" --print-errorlogs --no-suite install
+
+echo "== threaded tests under TSan"
+tsan=$KVC_ROOT/build-tsan
+[ -f "$tsan/build.ninja" ] || meson setup "$tsan" "$KVC_ROOT" --buildtype=debugoptimized \
+  -Db_sanitize=thread -Db_lundef=false -Dcuda=disabled >/dev/null
+ninja -C "$tsan" >/dev/null
+TSAN_OPTIONS=halt_on_error=1 CK_RUN_CASE=semantics meson test -C "$tsan" --print-errorlogs full
+TSAN_OPTIONS=halt_on_error=1 meson test -C "$tsan" --print-errorlogs tracker
