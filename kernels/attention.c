@@ -6,6 +6,8 @@
  * SGEMM, the causal/window mask only where the block is not wholly visible
  * to a row, a running max per row (rescaling the row's sum and accumulator
  * when the max grows), P = exp(S - max), then acc += P V by a second SGEMM.
+ * Only the span of rows that can see a key of the block takes part. With
+ * few rows (decode), hand-written AVX2 kernels (or GEMV) replace the SGEMMs.
  *
  * kvck_attention: the dense whole call. Queries are taken in chunks (to
  * bound scratch); per chunk, each KV head's queries are gathered, rotated
@@ -25,9 +27,317 @@ static size_t up16(size_t n)
     return (n + 15u) & ~(size_t)15u;
 }
 
+/* Rows up to which a block goes through the few-row kernels (or GEMV)
+ * instead of SGEMM: the measured crossover on a Zen 3 core is ~20 rows at
+ * head_dim 64 (SGEMM's packing pays off only over many rows). */
+#define KVCK_FEW_ROWS 16
+
 static int visible(int32_t kp, int32_t qp, uint32_t window)
 {
     return kp <= qp && (window == 0 || (int64_t)qp - (int64_t)kp < (int64_t)window);
+}
+
+/* ---- x86 AVX2/FMA kernels for the hot loops ------------------------------
+ *
+ * Decode (a handful of rows per KV head) reads every cached key and value
+ * once per step and is judged against memory bandwidth. BLAS pays for
+ * packing or per-call overhead there, and libm's expf is scalar, so on CPUs
+ * with AVX2+FMA (checked at run time: the library is built for the
+ * baseline ISA) the few-row products and the exponentials use the
+ * intrinsics below; elsewhere GEMV and expf do the same work
+ * (-DKVCK_GENERIC_ONLY forces that path; the tests build it too). */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(KVCK_GENERIC_ONLY)
+#define KVCK_ATTN_AVX2 1
+#include <cpuid.h>
+#include <immintrin.h>
+
+/* AVX2 and FMA usable (CPU flags plus OS-saved YMM state). Cached; racing
+ * first calls store the same value. */
+static int have_avx2_fma(void)
+{
+    static _Atomic int cached = -1;
+    int c = cached;
+    if (c >= 0)
+        return c;
+    c = 0;
+    {
+        unsigned a, b, cx, d;
+        if (__get_cpuid(1, &a, &b, &cx, &d) && (cx & bit_OSXSAVE) && (cx & bit_AVX)
+            && (cx & bit_FMA)) {
+            uint32_t lo, hi;
+            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+            (void)hi;
+            if ((lo & 6u) == 6u && __get_cpuid_count(7, 0, &a, &b, &cx, &d) && (b & bit_AVX2))
+                c = 1;
+        }
+    }
+    cached = c;
+    return c;
+}
+
+#define AVX2_FN __attribute__((target("avx2,fma")))
+
+/* ln 2 = LN2_HI + LN2_LO, LN2_HI with 12 significant bits so that n * LN2_HI
+ * is exact for the |n| <= 127 exp8 meets. */
+#define LN2_HI 0.693115234375f
+#define LN2_LO 3.1946184945286227e-05f
+
+/* exp(x) for x <= 0, 8 at a time. x = n ln2 + r with |r| <= ln2/2 (ln2
+ * split in two so n * LN2_HI is exact), exp(r) by its Taylor series to r^7
+ * (truncation error < 6e-9 there, below float rounding), times 2^n built in
+ * the exponent bits. Below -87.3 (masked -inf included) the result is
+ * exactly 0; NaN stays NaN. */
+static inline AVX2_FN __m256 exp8(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(lo, x); /* operand order keeps NaN */
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps((float)(1.0 / 0.6931471805599453))),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    /* 1 + r + r^2 (1/2! + r (1/3! + r (1/4! + r (1/5! + r (1/6! + r / 7!))))) */
+    __m256 p = _mm256_set1_ps((float)(1.0 / 5040.0));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps((float)(1.0 / 720.0)));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps((float)(1.0 / 120.0)));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps((float)(1.0 / 24.0)));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps((float)(1.0 / 6.0)));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                                  23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, y);
+}
+
+static inline AVX2_FN float hsum8(__m256 v)
+{
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* Max of s [n]; -inf when n == 0 or all are -inf. */
+static AVX2_FN float max_avx2(const float *s, size_t n)
+{
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    float mb = _mm_cvtss_f32(x);
+    for (; j < n; j++)
+        mb = s[j] > mb ? s[j] : mb;
+    return mb;
+}
+
+/* s [n] <- exp(s - m); returns the sum. */
+static AVX2_FN float exp_sub_avx2(float *s, size_t n, float m)
+{
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, p);
+        acc = _mm256_add_ps(acc, p);
+    }
+    float sum = hsum8(acc);
+    if (j < n) {
+        /* Tail through the same polynomial, padded with -inf (gives 0). */
+        float buf[8];
+        size_t t = n - j;
+        for (size_t i = 0; i < 8; i++)
+            buf[i] = i < t ? s[j + i] - m : -INFINITY;
+        _mm256_storeu_ps(buf, exp8(_mm256_loadu_ps(buf)));
+        for (size_t i = 0; i < t; i++) {
+            s[j + i] = buf[i];
+            sum += buf[i];
+        }
+    }
+    return sum;
+}
+
+/* Scores of R <= 3 rows against 4 keys: 4R independent FMA chains (one
+ * chain per row would wait on the FMA latency), then one transposing
+ * horizontal add per row gives its four scores. Inlined with R constant so
+ * the accumulators live in registers. */
+static inline __attribute__((always_inline)) AVX2_FN void
+scores_tile(const int R, size_t dk, const float *q, size_t ldq, const float *k0, size_t ldk,
+            float *s, size_t lds)
+{
+    const size_t d8 = dk & ~(size_t)7;
+    __m256 acc[3][4];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++)
+            acc[r][i] = _mm256_setzero_ps();
+    for (size_t c = 0; c < d8; c += 8) {
+        __m256 kv[4];
+        for (int i = 0; i < 4; i++)
+            kv[i] = _mm256_loadu_ps(k0 + (size_t)i * ldk + c);
+        for (int r = 0; r < R; r++) {
+            __m256 qv = _mm256_loadu_ps(q + (size_t)r * ldq + c);
+            for (int i = 0; i < 4; i++)
+                acc[r][i] = _mm256_fmadd_ps(qv, kv[i], acc[r][i]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]),
+                                  _mm256_hadd_ps(acc[r][2], acc[r][3]));
+        __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        if (d8 < dk) {
+            const float *qr = q + (size_t)r * ldq;
+            float t[4];
+            _mm_storeu_ps(t, sum4);
+            for (int i = 0; i < 4; i++)
+                for (size_t c = d8; c < dk; c++)
+                    t[i] += qr[c] * k0[(size_t)i * ldk + c];
+            sum4 = _mm_loadu_ps(t);
+        }
+        _mm_storeu_ps(s + (size_t)r * lds, sum4);
+    }
+}
+
+/* s [nr][lds] (first n columns) <- q [nr][ldq] . k [n][ldk]^T, dk wide. */
+static AVX2_FN void scores_few_avx2(size_t nr, size_t dk, const float *q, size_t ldq,
+                                    const float *k, size_t ldk, size_t n, float *s, size_t lds,
+                                    const float *v, size_t ldv, size_t dv)
+{
+    const size_t d8 = dk & ~(size_t)7;
+    size_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = k + j * ldk;
+        /* Start fetching the values of these keys: the P V step reads them
+         * next, and the memory fetch overlaps these FMAs. */
+        for (size_t i = 0; i < 4; i++)
+            for (size_t c = 0; c < dv; c += 16)
+                _mm_prefetch((const char *)(v + (j + i) * ldv + c), _MM_HINT_T0);
+        size_t r = 0;
+        for (; r + 3 <= nr; r += 3)
+            scores_tile(3, dk, q + r * ldq, ldq, k0, ldk, s + r * lds + j, lds);
+        if (nr - r == 2)
+            scores_tile(2, dk, q + r * ldq, ldq, k0, ldk, s + r * lds + j, lds);
+        else if (nr - r == 1)
+            scores_tile(1, dk, q + r * ldq, ldq, k0, ldk, s + r * lds + j, lds);
+    }
+    for (; j < n; j++) {
+        const float *kj = k + j * ldk;
+        for (size_t r = 0; r < nr; r++) {
+            const float *qr = q + r * ldq;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            size_t c = 0;
+            for (; c + 16 <= d8; c += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c), _mm256_loadu_ps(kj + c), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c + 8), _mm256_loadu_ps(kj + c + 8),
+                                     a1);
+            }
+            for (; c < d8; c += 8)
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c), _mm256_loadu_ps(kj + c), a0);
+            float t = hsum8(_mm256_add_ps(a0, a1));
+            for (c = d8; c < dk; c++)
+                t += qr[c] * kj[c];
+            s[r * lds + j] = t;
+        }
+    }
+}
+
+/* acc [R][dv] += p [R][ldp] (n wide) . v [n][ldv] for R <= 3 rows: strips
+ * of 32 columns x R rows (4R accumulators, enough to hide the FMA latency)
+ * so each value is loaded once for all the rows (a block of V does not fit
+ * in L1; reloading it per row would be bound by L2). */
+static inline __attribute__((always_inline)) AVX2_FN void
+pv_tile(const int R, size_t dv, const float *p, size_t ldp, const float *v, size_t ldv, size_t n,
+        float *acc)
+{
+    size_t c = 0;
+    for (; c + 32 <= dv; c += 32) {
+        __m256 a[3][4];
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < 4; i++)
+                a[r][i] = _mm256_loadu_ps(acc + (size_t)r * dv + c + 8 * i);
+        const float *vj = v + c;
+        for (size_t j = 0; j < n; j++, vj += ldv) {
+            __m256 vv[4];
+            for (int i = 0; i < 4; i++)
+                vv[i] = _mm256_loadu_ps(vj + 8 * i);
+            for (int r = 0; r < R; r++) {
+                __m256 pb = _mm256_broadcast_ss(p + (size_t)r * ldp + j);
+                for (int i = 0; i < 4; i++)
+                    a[r][i] = _mm256_fmadd_ps(pb, vv[i], a[r][i]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < 4; i++)
+                _mm256_storeu_ps(acc + (size_t)r * dv + c + 8 * i, a[r][i]);
+    }
+    for (; c + 8 <= dv; c += 8) {
+        __m256 a[3];
+        for (int r = 0; r < R; r++)
+            a[r] = _mm256_loadu_ps(acc + (size_t)r * dv + c);
+        const float *vj = v + c;
+        for (size_t j = 0; j < n; j++, vj += ldv) {
+            __m256 vv = _mm256_loadu_ps(vj);
+            for (int r = 0; r < R; r++)
+                a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (size_t)r * ldp + j), vv, a[r]);
+        }
+        for (int r = 0; r < R; r++)
+            _mm256_storeu_ps(acc + (size_t)r * dv + c, a[r]);
+    }
+    for (; c < dv; c++) {
+        for (int r = 0; r < R; r++) {
+            float t = acc[(size_t)r * dv + c];
+            for (size_t j = 0; j < n; j++)
+                t += p[(size_t)r * ldp + j] * v[j * ldv + c];
+            acc[(size_t)r * dv + c] = t;
+        }
+    }
+}
+
+/* acc [nr][dv] += p [nr][ldp] (n wide) . v [n][ldv], rows taken three at a
+ * time. Rows that saw nothing have p == 0 and add nothing. */
+static AVX2_FN void pv_few_avx2(size_t nr, size_t dv, const float *p, size_t ldp, const float *v,
+                                size_t ldv, size_t n, float *acc)
+{
+    size_t r = 0;
+    for (; r + 3 <= nr; r += 3)
+        pv_tile(3, dv, p + r * ldp, ldp, v, ldv, n, acc + r * dv);
+    if (nr - r == 2)
+        pv_tile(2, dv, p + r * ldp, ldp, v, ldv, n, acc + r * dv);
+    else if (nr - r == 1)
+        pv_tile(1, dv, p + r * ldp, ldp, v, ldv, n, acc + r * dv);
+}
+#endif /* x86 */
+
+static float row_max(const float *s, size_t n)
+{
+#ifdef KVCK_ATTN_AVX2
+    if (have_avx2_fma())
+        return max_avx2(s, n);
+#endif
+    float mb = -INFINITY;
+    for (size_t j = 0; j < n; j++)
+        mb = s[j] > mb ? s[j] : mb;
+    return mb;
+}
+
+/* s [n] <- exp(s - m) (masked -inf scores give 0); returns the sum. */
+static float row_exp(float *s, size_t n, float m)
+{
+#ifdef KVCK_ATTN_AVX2
+    if (have_avx2_fma())
+        return exp_sub_avx2(s, n, m);
+#endif
+    float sum = 0.0f;
+    for (size_t j = 0; j < n; j++) {
+        float p = expf(s[j] - m);
+        s[j] = p;
+        sum += p;
+    }
+    return sum;
 }
 
 /* Fills the pass description around caller-placed buffers, without
@@ -109,41 +419,51 @@ static void attn_block1(kvck_attn *a, const float *q, size_t ldq, const float *k
     const size_t r0 = t0 * group, nr = (t1 - t0) * group;
     float *s0 = a->s + r0 * bs; /* [nr][bs], first n columns used */
 
-    /* S = Q K^T: [nr][dk] x [dk][n]. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)n, (int)a->dk, 1.0f,
-                q + r0 * ldq, (int)ldq, k, (int)ldk, 0.0f, s0, (int)bs);
+    /* S = Q K^T: [nr][dk] x [dk][n]. A few rows (decode) skip SGEMM: it
+     * would pack (copy) K and V on every block, which costs more than
+     * reading them; the few-row kernels stream them once from memory and
+     * then from cache for the other rows. */
+    const int few = nr <= KVCK_FEW_ROWS;
+    int simd = 0;
+#ifdef KVCK_ATTN_AVX2
+    simd = few && have_avx2_fma();
+    if (simd)
+        scores_few_avx2(nr, a->dk, q + r0 * ldq, ldq, k, ldk, n, s0, bs, v, ldv, dv);
+#endif
+    if (!simd && few) {
+        for (size_t r = r0; r < r0 + nr; r++)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)n, (int)a->dk, 1.0f, k, (int)ldk,
+                        q + r * ldq, 1, 0.0f, a->s + r * bs, 1);
+    } else if (!few) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)n, (int)a->dk, 1.0f,
+                    q + r0 * ldq, (int)ldq, k, (int)ldk, 0.0f, s0, (int)bs);
+    }
 
+    unsigned char seen[KVCK_FEW_ROWS]; /* [nr] when few: row sees a key of the block */
     for (size_t r = r0; r < r0 + nr; r++) {
         float *sr = a->s + r * bs; /* [n] scores, then probabilities */
         const int32_t qp = a->q_pos[r / group];
         const int all = kmax <= qp && (w == 0 || (int64_t)qp - kmin < (int64_t)w);
-        float mb = -INFINITY;
 
-        if (all) {
+        if (!all) {
             for (size_t j = 0; j < n; j++)
-                mb = sr[j] > mb ? sr[j] : mb;
-        } else {
-            for (size_t j = 0; j < n; j++) {
                 if (!visible(k_pos[j], qp, w))
                     sr[j] = -INFINITY;
-                mb = sr[j] > mb ? sr[j] : mb;
-            }
         }
+        const float mb = row_max(sr, n);
         if (mb == -INFINITY) {
             /* Sees none of this block's keys: a zero row of P leaves its
-             * accumulator as is. */
+             * accumulator as is (and the few-row path skips the row). */
             memset(sr, 0, n * sizeof *sr);
+            if (few)
+                seen[r - r0] = 0;
             continue;
         }
+        if (few)
+            seen[r - r0] = 1;
         const float mold = a->m[r];
         const float mnew = mold > mb ? mold : mb;
-        float sum = 0.0f;
-        for (size_t j = 0; j < n; j++) {
-            /* Masked scores are -inf: expf gives exactly 0. */
-            float p = expf(sr[j] - mnew);
-            sr[j] = p;
-            sum += p;
-        }
+        const float sum = row_exp(sr, n, mnew);
         if (mnew != mold) {
             /* The max grew: earlier terms shrink by exp(mold - mnew)
              * (0 on the row's first visible block, where acc is 0). */
@@ -158,8 +478,23 @@ static void attn_block1(kvck_attn *a, const float *q, size_t ldq, const float *k
     }
 
     /* acc += P V: [nr][n] x [n][dv]. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nr, (int)dv, (int)n, 1.0f, s0,
-                (int)bs, v, (int)ldv, 1.0f, a->acc + r0 * dv, (int)dv);
+#ifdef KVCK_ATTN_AVX2
+    if (simd) {
+        pv_few_avx2(nr, dv, s0, bs, v, ldv, n, a->acc + r0 * dv);
+        return;
+    }
+#endif
+    if (few) {
+        for (size_t r = r0; r < r0 + nr; r++) {
+            if (!seen[r - r0])
+                continue;
+            cblas_sgemv(CblasRowMajor, CblasTrans, (int)n, (int)dv, 1.0f, v, (int)ldv,
+                        a->s + r * bs, 1, 1.0f, a->acc + r * dv, 1);
+        }
+    } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nr, (int)dv, (int)n, 1.0f,
+                    s0, (int)bs, v, (int)ldv, 1.0f, a->acc + r0 * dv, (int)dv);
+    }
 }
 
 void kvck_attn_block(kvck_attn *a, const float *q, size_t ldq, const float *k, size_t ldk,
@@ -240,6 +575,8 @@ static void dense_plan_make(const kvck_dense *d, size_t n_q, size_t n_k, dense_p
     p->total = p->off_state + p->n_kv * p->state_stride;
 }
 
+/* Never decreases as n_q or n_k grow, so scratch sized for the largest call
+ * serves every smaller one. */
 size_t kvck_attention_scratch_floats(const kvck_dense *d, size_t n_q, size_t n_k)
 {
     dense_plan p;

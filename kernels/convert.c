@@ -7,12 +7,13 @@
  * use the F16C instructions where the CPU and OS offer them, because a
  * plugin that stores fp16 converts every cached element on every attend,
  * and a scalar branchy loop would cost more than the memory traffic.
+ * -DKVCK_GENERIC_ONLY leaves the scalar loops only (tested too).
  */
 #include "kvck.h"
 
 #include <string.h>
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(KVCK_GENERIC_ONLY)
 #define KVCK_HAVE_F16C_PATH 1
 #include <cpuid.h>
 #include <immintrin.h>

@@ -2,9 +2,9 @@
  * rope.c -- rotary position embedding.
  *
  * Every token is rotated on its own: the angle pos * inv_freq[i] is formed
- * in double, its cos and sin are taken in double and multiplied by mscale,
- * the rotation is done in double and rounded to float once. Nothing depends
- * on the other tokens of the call, so a token gives the same bits whatever
+ * in double, its cos and sin are taken in double, multiplied by mscale and
+ * rounded once to float; the rotation is done in float. Nothing depends on
+ * the other tokens of the call, so a token gives the same bits whatever
  * batch it comes in (prefill vs. decode, re-rotation of cached keys).
  */
 #include "kvck.h"
@@ -56,51 +56,60 @@ int kvck_rope_init(kvck_rope *r, int style, int head_dim, int dims, float theta,
     return 0;
 }
 
-/* cos and sin (times mscale) of pos * inv_freq[i] for the half = dims/2
- * pairs of one token. */
-static void rope_angles(const kvck_rope *r, int32_t pos, int half, double *c /* [half] */,
-                        double *s /* [half] */)
+/* ---- angles ----------------------------------------------------------------
+ *
+ * cos and sin come from libm, in double, so every caller (any batch, any
+ * clone below) gets the same bits for the same position. glibc's sincos()
+ * computes both from one argument reduction. */
+
+/* cos and sin of pos * inv_freq[i], times mscale, in double, rounded once
+ * to float, for the half = dims/2 pairs of one token. */
+static inline __attribute__((always_inline)) void
+rope_angles(const kvck_rope *r, int32_t pos, size_t half, float *c /* [half] */,
+            float *s /* [half] */)
 {
     const double ms = (double)r->mscale;
-    for (int i = 0; i < half; i++) {
+    for (size_t i = 0; i < half; i++) {
         double a = (double)pos * (double)r->inv_freq[i];
-        c[i] = cos(a) * ms;
-        s[i] = sin(a) * ms;
+        double ci, si;
+        sincos(a, &si, &ci);
+        c[i] = (float)(ci * ms);
+        s[i] = (float)(si * ms);
     }
 }
 
-void kvck_rope_apply(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos,
-                     const float *x, float *y)
+/* Rotates n_tok tokens; compiled twice below (baseline and AVX2, unless
+ * -DKVCK_GENERIC_ONLY), the results are the same bits. */
+static inline __attribute__((always_inline)) void
+rope_body(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos, const float *x,
+          float *y)
 {
     const size_t hd = (size_t)r->head_dim;
-    const size_t dims = r->style == 0 ? 0 : (size_t)r->dims;
+    const size_t dims = (size_t)r->dims;
     const size_t half = dims / 2;
-    double c[KVCK_MAX_HEAD_DIM / 2], s[KVCK_MAX_HEAD_DIM / 2]; /* [half] per token */
+    float c[KVCK_MAX_HEAD_DIM / 2], s[KVCK_MAX_HEAD_DIM / 2]; /* [half] per token */
 
-    if (dims == 0) {
-        if (y != x)
-            memmove(y, x, n_tok * n_heads * hd * sizeof *y);
-        return;
-    }
     for (size_t t = 0; t < n_tok; t++) {
         /* Angles once per token, shared by all its heads. */
-        rope_angles(r, pos[t], (int)half, c, s);
+        rope_angles(r, pos[t], half, c, s);
         for (size_t h = 0; h < n_heads; h++) {
             const float *xr = x + (t * n_heads + h) * hd; /* [hd] */
             float *yr = y + (t * n_heads + h) * hd;       /* [hd] */
-            /* Each pair is read into locals before either output is
-             * written, so y == x works. */
+            /* The rotation itself is in float: the per-element work of
+             * every cached key at decode, twice as wide as double. Each
+             * pair is read into locals before either output is written,
+             * so y == x works. */
             if (r->style == 1) {
                 for (size_t i = 0; i < half; i++) {
-                    double x0 = xr[2 * i], x1 = xr[2 * i + 1];
-                    yr[2 * i] = (float)(x0 * c[i] - x1 * s[i]);
-                    yr[2 * i + 1] = (float)(x0 * s[i] + x1 * c[i]);
+                    float x0 = xr[2 * i], x1 = xr[2 * i + 1];
+                    yr[2 * i] = x0 * c[i] - x1 * s[i];
+                    yr[2 * i + 1] = x0 * s[i] + x1 * c[i];
                 }
             } else {
                 for (size_t i = 0; i < half; i++) {
-                    double x0 = xr[i], x1 = xr[i + half];
-                    yr[i] = (float)(x0 * c[i] - x1 * s[i]);
-                    yr[i + half] = (float)(x0 * s[i] + x1 * c[i]);
+                    float x0 = xr[i], x1 = xr[i + half];
+                    yr[i] = x0 * c[i] - x1 * s[i];
+                    yr[i + half] = x0 * s[i] + x1 * c[i];
                 }
             }
             /* Dimensions past `dims` pass through unrotated. */
@@ -108,4 +117,62 @@ void kvck_rope_apply(const kvck_rope *r, size_t n_tok, size_t n_heads, const int
                 memcpy(yr + dims, xr + dims, (hd - dims) * sizeof *yr);
         }
     }
+}
+
+static void rope_generic(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos,
+                         const float *x, float *y)
+{
+    rope_body(r, n_tok, n_heads, pos, x, y);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(KVCK_GENERIC_ONLY)
+#include <cpuid.h>
+#define KVCK_ROPE_AVX2 1
+
+__attribute__((target("avx2"))) static void rope_avx2(const kvck_rope *r, size_t n_tok,
+                                                      size_t n_heads, const int32_t *pos,
+                                                      const float *x, float *y)
+{
+    rope_body(r, n_tok, n_heads, pos, x, y);
+}
+
+/* AVX2 usable: CPU flag plus OS-saved YMM state. Cached; racing first
+ * calls store the same value. */
+static int have_avx2(void)
+{
+    static _Atomic int cached = -1;
+    int c = cached;
+    if (c >= 0)
+        return c;
+    c = 0;
+    {
+        unsigned a, b, cx, d;
+        if (__get_cpuid(1, &a, &b, &cx, &d) && (cx & bit_OSXSAVE) && (cx & bit_AVX)) {
+            uint32_t lo, hi;
+            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+            (void)hi;
+            if ((lo & 6u) == 6u && __get_cpuid_count(7, 0, &a, &b, &cx, &d) && (b & bit_AVX2))
+                c = 1;
+        }
+    }
+    cached = c;
+    return c;
+}
+#endif
+
+void kvck_rope_apply(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos,
+                     const float *x, float *y)
+{
+    if (r->style == 0 || r->dims == 0) {
+        if (y != x)
+            memmove(y, x, n_tok * n_heads * (size_t)r->head_dim * sizeof *y);
+        return;
+    }
+#ifdef KVCK_ROPE_AVX2
+    if (have_avx2()) {
+        rope_avx2(r, n_tok, n_heads, pos, x, y);
+        return;
+    }
+#endif
+    rope_generic(r, n_tok, n_heads, pos, x, y);
 }
