@@ -18,7 +18,7 @@ static const kvc_option_desc opt_dtype = {
 static const kvc_option_desc opt_kv_ratio = {
     sizeof(kvc_option_desc), KVC_OPT_FLOAT, "kv_ratio", "", NULL, 0.01, 64.0,
     "Memory budget as a fraction of an fp16 full cache; picks dtype when dtype is not given, "
-    "refused when below what the storage needs (1.0062 for fp16 with 64-token blocks)."};
+    "refused when below what the storage needs (about 1.006 for fp16 on SmolLM2's shape: positions and block tables count)."};
 static const kvc_option_desc opt_block_tokens = {
     sizeof(kvc_option_desc), KVC_OPT_INT, "block_tokens", "64", NULL, 1, 65536,
     "Tokens per storage block: memory grows one block per layer at a time."};
