@@ -120,6 +120,41 @@ void kvck_attention_ref(const kvck_dense *d, size_t n_q, const int32_t *q_pos,
                         const float *q_pre, size_t n_k, const int32_t *k_pos,
                         const float *k_pre, const float *v, double *out);
 
+
+/* ---- GGML tensor types: dequantization --------------------------------- */
+
+/* ggml type ids, as stored in GGUF files (frozen by ggml). */
+enum {
+    KVCK_GGML_F32 = 0, KVCK_GGML_F16 = 1, KVCK_GGML_Q4_0 = 2, KVCK_GGML_Q4_1 = 3,
+    KVCK_GGML_Q5_0 = 6, KVCK_GGML_Q5_1 = 7, KVCK_GGML_Q8_0 = 8, KVCK_GGML_Q8_1 = 9,
+    KVCK_GGML_Q2_K = 10, KVCK_GGML_Q3_K = 11, KVCK_GGML_Q4_K = 12, KVCK_GGML_Q5_K = 13,
+    KVCK_GGML_Q6_K = 14, KVCK_GGML_Q8_K = 15, KVCK_GGML_BF16 = 30
+};
+
+/* Name of a ggml type id in ggml's spelling ("q4_1", "q6_K", "bf16");
+ * "unknown" for ids not in the enum above (ggml defines more, e.g. the IQ
+ * types, but kvc does not know them). Static string. */
+const char *kvck_ggml_type_name(uint32_t type);
+
+/* Elements per block and bytes per block of a type (1 and 4 for f32,
+ * 32 and 20 for q4_1, 256 and 210 for q6_K); 0 for ids not in the enum
+ * above. Every id in the enum is in the size table, even those without a
+ * dequantizer, so a GGUF reader can size tensors it cannot read. */
+size_t kvck_ggml_block_elems(uint32_t type);
+size_t kvck_ggml_block_bytes(uint32_t type);
+
+/* 1 when kvck_dequantize handles the type: F32, F16, BF16, Q4_0, Q4_1,
+ * Q8_0, Q6_K. */
+int kvck_ggml_can_dequantize(uint32_t type);
+
+/* Dequantizes n elements (a multiple of the block size) of `type` from src
+ * (n / block_elems blocks of little-endian file data, any byte alignment)
+ * to dst [n]. Results equal ggml's reference dequantize_row_* bit for bit
+ * (f16 NaNs come back quieted). Returns 0 (n == 0 does nothing), or -1,
+ * dst untouched, for a type without a dequantizer, n not a multiple of the
+ * block, or a NULL pointer with n > 0. */
+int kvck_dequantize(uint32_t type, const void *src, float *dst, size_t n);
+
 #ifdef __cplusplus
 }
 #endif
