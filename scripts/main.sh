@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up, build, list the plugins, show the exact `full`
-# plugin, and run its demo (prefill + decode through every layer of
-# SmolLM2-135M's attention shape, checked against float64 exact attention).
+# The main job: set up (packages, the SmolLM2 model), build, list the
+# plugins, then run the real model with its attention through the exact
+# `full` plugin: perplexity on GPL-3 beside the built-in exact path, the
+# same with fp16 storage, and a chat answer.
 set -euo pipefail
 here=$(dirname "$0")
 bash "$here/setup.sh"
@@ -9,7 +10,10 @@ bash "$here/build.sh"
 source "$here/env.sh"
 export KVC_PLUGIN_PATH="$KVC_BUILD/plugins/full${KVC_PLUGIN_PATH:+:$KVC_PLUGIN_PATH}"
 kvc="$KVC_BUILD/host-shim/kvc"
-echo; echo '$ kvc list'; "$kvc" list
-echo; echo '$ kvc info full'; "$kvc" info full
-echo; echo '$ kvc demo --plugin full'; "$kvc" demo --plugin full
-echo; echo '$ kvc demo --plugin full --opt dtype=fp16'; "$kvc" demo --plugin full --opt dtype=fp16
+run() { echo; echo "\$ kvc $*"; "$kvc" "$@"; }
+run list
+run info full
+run demo --plugin full --prompt 256 --decode 16
+run ppl --plugin full --vs-exact
+run ppl --plugin full --opt dtype=fp16
+run generate --plugin full --chat --prompt "What is the capital of France, and what is it famous for?" -n 96

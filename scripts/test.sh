@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test job: set up, build, run every Check suite, then again under
 # AddressSanitizer + UndefinedBehaviorSanitizer and the threaded tests under
-# ThreadSanitizer. Tests that need what is absent (a GPU) report SKIP.
+# ThreadSanitizer. Tests that need what is absent (a GPU; the model, when
+# setup ran with KVC_NO_MODEL=1) report SKIP.
 set -euo pipefail
 here=$(dirname "$0")
 bash "$here/setup.sh"

@@ -6,5 +6,9 @@
 int kvc_cmd_list(int argc, char **argv); /* kvc list */
 int kvc_cmd_info(int argc, char **argv); /* kvc info PLUGIN */
 int kvc_cmd_demo(int argc, char **argv); /* kvc demo [--plugin P] [--opt k=v]... */
+int kvc_cmd_tokenize(int argc, char **argv); /* kvc tokenize [--model M] TEXT */
+int kvc_cmd_ppl(int argc, char **argv);      /* kvc ppl --plugin P ... */
+int kvc_cmd_generate(int argc, char **argv); /* kvc generate --plugin P --prompt ... */
+int kvc_cmd_prepare(int argc, char **argv);  /* kvc prepare --plugin P ... -o ARTIFACT */
 
 #endif

@@ -19,6 +19,10 @@ static void usage(FILE *f)
             "  info PLUGIN    show a plugin's descriptor and option table\n"
             "  demo [ARGS]    run a synthetic prefill and decode through a plugin\n"
             "                 (kvc demo --help)\n"
+            "  tokenize [--model M] TEXT       token ids of TEXT\n"
+            "  ppl --plugin P [ARGS]           perplexity on a text (kvc ppl --help)\n"
+            "  generate --plugin P --prompt T  generate text (kvc generate --help)\n"
+            "  prepare --plugin P -o FILE      prepare a compressor (kvc prepare --help)\n"
             "  help           show this help\n"
             "\n"
             "options:\n"
@@ -52,6 +56,14 @@ int main(int argc, char **argv)
         return kvc_cmd_info(argc - 1, argv + 1);
     if (strcmp(cmd, "demo") == 0)
         return kvc_cmd_demo(argc - 1, argv + 1);
+    if (strcmp(cmd, "tokenize") == 0)
+        return kvc_cmd_tokenize(argc - 1, argv + 1);
+    if (strcmp(cmd, "ppl") == 0)
+        return kvc_cmd_ppl(argc - 1, argv + 1);
+    if (strcmp(cmd, "generate") == 0)
+        return kvc_cmd_generate(argc - 1, argv + 1);
+    if (strcmp(cmd, "prepare") == 0)
+        return kvc_cmd_prepare(argc - 1, argv + 1);
 
     fprintf(stderr, "kvc: unknown command \"%s\"\n\n", cmd);
     usage(stderr);

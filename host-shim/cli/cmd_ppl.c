@@ -1,0 +1,224 @@
+/*
+ * kvc ppl: perplexity of the model on a text with its attention going
+ * through a plugin, scored as llama.cpp's llama-perplexity scores
+ * (non-overlapping chunks of --ctx tokens, a fresh sequence per chunk, the
+ * second half of each chunk scored). The first half of a chunk is the
+ * prompt (append + attend as prefill); the second half follows as
+ * generation, in one batch or token by token (equal by the ABI's rule).
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cmds.h"
+#include "session.h"
+
+#define DEFAULT_TEXT "/usr/share/common-licenses/GPL-3"
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvc ppl (--plugin NAME|PATH [--opt name=value]... [--artifact FILE] | --exact)\n"
+            "               [--model GGUF] [--text FILE] [--ctx N] [--chunks N]\n"
+            "               [--token-by-token] [--vs-exact] [--json]\n"
+            "  Perplexity on FILE (default " DEFAULT_TEXT ") in chunks of N tokens\n"
+            "  (default 512; all whole chunks unless --chunks), scoring each chunk's second\n"
+            "  half as llama.cpp's llama-perplexity does.\n"
+            "  --exact           the built-in exact attention instead of a plugin\n"
+            "  --vs-exact        also run the built-in exact path on the same chunks and print\n"
+            "                    the difference\n"
+            "  --token-by-token  feed each chunk's second half one token per step (default:\n"
+            "                    one batch; the ABI's step rule makes them equal)\n"
+            "  --json            print the result as one JSON object on stdout\n"
+            "  The model defaults to $KVC_MODEL, else $KVC_MODEL_DIR (default ~/.cache/kvc)/\n"
+            "  SmolLM2-135M-Instruct.Q4_1.gguf, fetched by scripts/fetch-model.sh.\n");
+}
+
+typedef struct progress_state {
+    int tty;
+    double t0;
+} progress_state;
+
+static void progress(void *user, uint32_t chunk, uint32_t n_chunks, double ppl)
+{
+    progress_state *ps = user;
+    if (!ps->tty)
+        return;
+    double el = session_now() - ps->t0;
+    fprintf(stderr, "\r  chunk %u/%u  ppl %.4f  %.1f s, ~%.0f s left   ", chunk, n_chunks, ppl, el,
+            el / chunk * (n_chunks - chunk));
+    if (chunk == n_chunks)
+        fprintf(stderr, "\r%60s\r", "");
+    fflush(stderr);
+}
+
+static int run_ppl(kvc_session_args *a, int argc, char **argv)
+{
+    const char *text_path = DEFAULT_TEXT;
+    long n_ctx = 512, n_chunks = 0;
+    int token_by_token = 0, vs_exact = 0, json = 0, rc = 1;
+    for (int i = 1; i < argc; i++) {
+        int r = session_arg("ppl", a, argc, argv, &i);
+        if (r < 0)
+            return 2;
+        if (r)
+            continue;
+        const char *o = argv[i];
+        if (!strcmp(o, "-h") || !strcmp(o, "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(o, "--token-by-token")) {
+            token_by_token = 1;
+        } else if (!strcmp(o, "--vs-exact")) {
+            vs_exact = 1;
+        } else if (!strcmp(o, "--json")) {
+            json = 1;
+        } else if ((!strcmp(o, "--text") || !strcmp(o, "--ctx") || !strcmp(o, "--chunks")) &&
+                   i + 1 < argc) {
+            const char *v = argv[++i];
+            char *end;
+            if (!strcmp(o, "--text")) {
+                text_path = v;
+                continue;
+            }
+            long x = strtol(v, &end, 10);
+            if (*end || x < 0 || x > 1 << 20) {
+                fprintf(stderr, "kvc ppl: %s %s is not a number in [0, 1048576]\n", o, v);
+                return 2;
+            }
+            *(!strcmp(o, "--ctx") ? &n_ctx : &n_chunks) = x;
+        } else {
+            fprintf(stderr, "kvc ppl: unknown or incomplete argument \"%s\"\n", o);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (n_ctx < 4 || n_ctx % 2) {
+        fprintf(stderr, "kvc ppl: --ctx %ld must be even and at least 4\n", n_ctx);
+        return 2;
+    }
+
+    double wall0 = session_now();
+    kvc_session s;
+    char *text = NULL, err[1024];
+    int32_t *ids = NULL;
+    uint8_t *flags = NULL;
+    size_t text_len = 0, n_ids = 0;
+    kvch_kv *exact = NULL;
+    if (session_open(&s, "ppl", a, (uint32_t)n_ctx) || session_kv(&s, "ppl", (uint32_t)n_ctx))
+        goto done;
+    if (kvch_read_file(text_path, &text, &text_len, err, sizeof err) ||
+        kvch_tok_encode(s.model.tok, text, text_len, 0, &ids, &n_ids)) {
+        fprintf(stderr, "kvc ppl: --text %s\n", text ? "could not be tokenized" : err);
+        goto done;
+    }
+    if (!(flags = malloc(n_ids ? n_ids : 1))) {
+        fprintf(stderr, "kvc ppl: out of memory\n");
+        goto done;
+    }
+    int add_bos = 0;
+    kvch_gguf_get_bool(s.model.gguf, "tokenizer.ggml.add_bos_token", &add_bos);
+    /* As llama-perplexity: with a BOS-adding tokenizer, each chunk starts with BOS. */
+    if (add_bos && kvch_tok_bos(s.model.tok) >= 0)
+        for (size_t c = 0; c + (size_t)n_ctx <= n_ids; c += (size_t)n_ctx)
+            ids[c] = kvch_tok_bos(s.model.tok);
+    for (size_t i = 0; i < n_ids; i++)
+        flags[i] = kvch_tok_flags(s.model.tok, ids[i]);
+
+    const kvch_llama_hparams *hp = &s.model.llama->hp;
+    char label[512];
+    session_label(&s, a, label, sizeof label);
+    if (!json) {
+        printf("model   %s (%s, %u layers, %u query / %u KV heads of %u), %.1f s to load\n",
+               hp->name[0] ? hp->name : "?", hp->arch, hp->n_layer, hp->n_head, hp->n_head_kv,
+               hp->head_dim, s.model.load_s);
+        printf("text    %s: %zu bytes, %zu tokens\n", text_path, text_len, n_ids);
+        printf("kv      %s%s%s\n", label, s.lib ? ", " : "", s.lib ? kvch_plugin_path(s.lib) : "");
+        fflush(stdout);
+    }
+    progress_state ps = {isatty(2), session_now()};
+    kvch_ppl_params pp = {(uint32_t)n_ctx, (uint32_t)n_chunks, token_by_token, progress, &ps};
+    kvch_ppl_result r, rx = {0};
+    if (kvch_perplexity(s.ctx, s.kv, s.model.llama, ids, flags, n_ids, &pp, &r, err, sizeof err)) {
+        fprintf(stderr, "kvc ppl: %s\n", err);
+        goto done;
+    }
+    kvch_tracker_stats ts = {0};
+    if (s.tracker)
+        kvch_tracker_get(s.tracker, &ts);
+    if (vs_exact) {
+        ps.t0 = session_now();
+        if (kvch_kv_exact(&s.geo, &exact, err, sizeof err) ||
+            kvch_perplexity(s.ctx, exact, s.model.llama, ids, flags, n_ids, &pp, &rx, err,
+                            sizeof err)) {
+            fprintf(stderr, "kvc ppl: exact path: %s\n", err);
+            goto done;
+        }
+    }
+    double wall = session_now() - wall0;
+    const char *gen_mode = token_by_token ? "token-by-token" : "batched";
+    if (json) {
+        printf("{\"model\": ");
+        json_str(stdout, hp->name);
+        printf(", \"text\": ");
+        json_str(stdout, text_path);
+        printf(", \"text_tokens\": %zu, \"n_ctx\": %ld, \"chunks\": %u, \"tokens_scored\": %llu",
+               n_ids, n_ctx, r.n_chunks, (unsigned long long)r.n_scored);
+        printf(", \"plugin\": ");
+        json_str(stdout, s.p ? s.p->id : "exact");
+        printf(", \"options\": {");
+        for (uint32_t i = 0; i < a->opts.n; i++) {
+            printf("%s", i ? ", " : "");
+            json_str(stdout, a->opts.names[i]);
+            printf(": ");
+            json_str(stdout, a->opts.values[i]);
+        }
+        printf("}, \"ppl\": %.6f, \"ppl_err\": %.6f", r.ppl, r.ppl_err);
+        printf(", \"kv_bytes_per_token\": %.1f, \"fp16_full_bytes_per_token\": %.1f",
+               r.kv_bytes_per_token, r.fp16_bytes_per_token);
+        printf(", \"plugin_peak_bytes\": %llu", (unsigned long long)ts.peak[KVC_MEM_HOST]);
+        printf(", \"prefill_tokens_per_s\": %.2f, \"generation_tokens_per_s\": %.2f",
+               r.prefill_tokens / r.prefill_s, r.gen_tokens / r.gen_s);
+        printf(", \"generation\": \"%s\"", gen_mode);
+        if (vs_exact)
+            printf(", \"exact_ppl\": %.6f, \"ppl_rel_diff\": %.3e", rx.ppl,
+                   (r.ppl - rx.ppl) / rx.ppl);
+        printf(", \"wall_s\": %.2f}\n", wall);
+    } else {
+        printf("chunks  %u of %ld tokens; %llu tokens scored (the second half of each chunk)\n",
+               r.n_chunks, n_ctx, (unsigned long long)r.n_scored);
+        printf("\nperplexity  %.4f ± %.4f\n", r.ppl, r.ppl_err);
+        if (vs_exact)
+            printf("exact       %.4f ± %.4f (built-in exact attention, same chunks)\n"
+                   "difference  %+.3e relative\n",
+                   rx.ppl, rx.ppl_err, (r.ppl - rx.ppl) / rx.ppl);
+        printf("KV cache    %.1f bytes/token resident (%.3f of fp16 full, %.0f bytes/token)\n",
+               r.kv_bytes_per_token, r.kv_bytes_per_token / r.fp16_bytes_per_token,
+               r.fp16_bytes_per_token);
+        if (s.tracker)
+            printf("            plugin peak at the allocator: %.2f MiB\n",
+                   ts.peak[KVC_MEM_HOST] / 1048576.0);
+        printf("speed       prefill %.1f tokens/s (%llu tokens), generation %.1f tokens/s "
+               "(%llu tokens, %s)\n",
+               r.prefill_tokens / r.prefill_s, (unsigned long long)r.prefill_tokens,
+               r.gen_tokens / r.gen_s, (unsigned long long)r.gen_tokens, gen_mode);
+        printf("wall time   %.1f s\n", wall);
+    }
+    rc = 0;
+done:
+    kvch_kv_free(exact);
+    free(flags);
+    free(ids);
+    free(text);
+    if (session_close(&s))
+        rc = 1;
+    return rc;
+}
+
+int kvc_cmd_ppl(int argc, char **argv)
+{
+    kvc_session_args a = {0};
+    int rc = run_ppl(&a, argc, argv);
+    kvch_options_clear(&a.opts);
+    return rc;
+}

@@ -1,0 +1,394 @@
+/*
+ * run.c -- perplexity, generation and the preparation feed over a loaded
+ * model and a KV store.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "errmsg.h"
+#include "run.h"
+
+#define MODEL_NAME "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ---- files and the model ---------------------------------------------------- */
+
+kvc_status kvch_read_file(const char *path, char **buf, size_t *len, char *err, size_t cap)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return kvch_fail(err, cap, KVC_E_INVALID, "%s: %s", path, strerror(errno));
+    size_t n = 0, have = 1 << 16;
+    char *b = malloc(have);
+    for (;;) {
+        if (!b) {
+            fclose(f);
+            return kvch_fail(err, cap, KVC_E_NOMEM, "%s: out of memory", path);
+        }
+        n += fread(b + n, 1, have - n - 1, f);
+        if (n < have - 1)
+            break;
+        char *nb = realloc(b, have * 2);
+        if (!nb)
+            free(b);
+        b = nb;
+        have *= 2;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(b);
+        return kvch_fail(err, cap, KVC_E_INVALID, "%s: read error", path);
+    }
+    b[n] = '\0';
+    *buf = b;
+    *len = n;
+    return KVC_OK;
+}
+
+const char *kvch_default_model(char *buf, size_t cap)
+{
+    const char *m = getenv("KVC_MODEL"), *d = getenv("KVC_MODEL_DIR"), *h = getenv("HOME");
+    if (m && *m)
+        snprintf(buf, cap, "%s", m);
+    else if (d && *d)
+        snprintf(buf, cap, "%s/%s", d, MODEL_NAME);
+    else
+        snprintf(buf, cap, "%s/.cache/kvc/%s", h ? h : "", MODEL_NAME);
+    return buf;
+}
+
+kvc_status kvch_model_open(const char *path, kvch_model *m, char *err, size_t cap)
+{
+    char def[4096];
+    memset(m, 0, sizeof *m);
+    if (!path) {
+        path = kvch_default_model(def, sizeof def);
+        if (access(path, R_OK) != 0)
+            return kvch_fail(err, cap, KVC_E_INVALID,
+                        "model %s: %s; run scripts/fetch-model.sh to download it, or give "
+                        "--model PATH (or set KVC_MODEL)",
+                        path, strerror(errno));
+    }
+    double t0 = now_s();
+    char e[512];
+    kvc_status s = kvch_gguf_open(path, &m->gguf, e, sizeof e);
+    if (!s && (s = kvch_llama_load(m->gguf, &m->llama, e, sizeof e)) == KVC_OK)
+        s = kvch_tok_from_gguf(m->gguf, &m->tok, e, sizeof e);
+    if (s) {
+        kvch_model_close(m);
+        return kvch_fail(err, cap, s, "%s: %s", path, e);
+    }
+    if ((uint32_t)kvch_tok_n_vocab(m->tok) > m->llama->hp.n_vocab) {
+        kvch_model_close(m);
+        return kvch_fail(err, cap, KVC_E_CORRUPT, "%s: %d tokens in the vocabulary, %u embedding rows",
+                    path, (int)kvch_tok_n_vocab(m->tok), m->llama->hp.n_vocab);
+    }
+    m->load_s = now_s() - t0;
+    return KVC_OK;
+}
+
+void kvch_model_close(kvch_model *m)
+{
+    if (!m)
+        return;
+    kvch_tok_free(m->tok);
+    kvch_llama_free(m->llama);
+    kvch_gguf_close(m->gguf);
+    memset(m, 0, sizeof *m);
+}
+
+/* ---- perplexity ---------------------------------------------------------------- */
+
+kvc_status kvch_perplexity(kvch_llama_ctx *c, kvch_kv *kv, const kvch_llama *m,
+                           const int32_t *tokens, const uint8_t *flags, size_t n_tokens,
+                           const kvch_ppl_params *p, kvch_ppl_result *r, char *err, size_t cap)
+{
+    const uint32_t n_ctx = p->n_ctx, first = n_ctx / 2, n_gen = n_ctx - 1 - first;
+    const size_t V = m->hp.n_vocab;
+    if (n_ctx < 4 || n_ctx % 2)
+        return kvch_fail(err, cap, KVC_E_INVALID, "perplexity: context %u must be even and >= 4",
+                    n_ctx);
+    size_t avail = n_tokens / n_ctx;
+    if (avail == 0)
+        return kvch_fail(err, cap, KVC_E_INVALID,
+                    "perplexity: the text has %zu tokens, fewer than one chunk of %u", n_tokens,
+                    n_ctx);
+    uint32_t n_chunks = p->n_chunks && p->n_chunks < avail ? p->n_chunks : (uint32_t)avail;
+    float *logits = malloc((size_t)n_gen * V * sizeof(float)); /* (n_gen, n_vocab) */
+    if (!logits)
+        return kvch_fail(err, cap, KVC_E_NOMEM, "perplexity: out of memory for logits");
+
+    memset(r, 0, sizeof *r);
+    double nll = 0.0, nll2 = 0.0;
+    kvc_status s = KVC_OK;
+    for (uint32_t ch = 0; ch < n_chunks && !s; ch++) {
+        const int32_t *t = tokens + (size_t)ch * n_ctx;
+        const uint8_t *fl = flags ? flags + (size_t)ch * n_ctx : NULL;
+        if ((s = kvch_kv_reset(kv, err, cap)))
+            break;
+        double t0 = now_s();
+        if ((s = kvch_llama_eval(c, kv, t, fl, first, 0, NULL, 0, err, cap)))
+            break;
+        double t1 = now_s();
+        if (p->token_by_token) {
+            for (uint32_t i = 0; i < n_gen && !s; i++)
+                s = kvch_llama_eval(c, kv, t + first + i, fl ? fl + first + i : NULL, 1,
+                                    (int32_t)(first + i), logits + (size_t)i * V, 1, err, cap);
+        } else {
+            s = kvch_llama_eval(c, kv, t + first, fl ? fl + first : NULL, n_gen, (int32_t)first,
+                                logits, n_gen, err, cap);
+        }
+        if (s)
+            break;
+        double t2 = now_s();
+        r->prefill_s += t1 - t0;
+        r->gen_s += t2 - t1;
+        r->prefill_tokens += first;
+        r->gen_tokens += n_gen;
+        for (uint32_t i = 0; i < n_gen; i++) {
+            double lp = kvch_log_softmax_at(logits + (size_t)i * V, V, (size_t)t[first + i + 1]);
+            nll -= lp;
+            nll2 += lp * lp;
+        }
+        r->n_scored += n_gen;
+        r->n_chunks = ch + 1;
+        if (ch + 1 == n_chunks) {
+            kvc_seq_stats st;
+            if ((s = kvch_kv_stats(kv, &st)))
+                break;
+            double toks = (double)st.tokens_appended / m->hp.n_layer;
+            r->kv_bytes_per_token = toks > 0 ? (double)st.bytes_resident / toks : 0.0;
+            r->fp16_bytes_per_token = toks > 0 ? (double)st.bytes_fp16_full / toks : 0.0;
+        }
+        if (p->progress)
+            p->progress(p->user, ch + 1, n_chunks, exp(nll / (double)r->n_scored));
+    }
+    free(logits);
+    if (s)
+        return s;
+    double mean = nll / (double)r->n_scored, var = nll2 / (double)r->n_scored - mean * mean;
+    r->ppl = exp(mean);
+    r->ppl_err = var > 0 && r->n_scored > 1 ? r->ppl * sqrt(var / (double)(r->n_scored - 1)) : 0;
+    return KVC_OK;
+}
+
+/* ---- generation -------------------------------------------------------------------- */
+
+static uint64_t rng_next(uint64_t *s)
+{
+    /* splitmix64: a small, well-mixed generator; sampling needs no more */
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+typedef struct cand {
+    float logit;
+    int32_t id;
+} cand;
+
+static int cand_desc(const void *a, const void *b)
+{
+    float x = ((const cand *)a)->logit, y = ((const cand *)b)->logit;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Picks the next token from logits [V] (modified in place by the penalty). */
+static int32_t sample(float *logits, size_t V, const kvch_gen_params *p, const int32_t *recent,
+                      size_t n_recent, cand *cands, uint64_t *rng)
+{
+    if (p->repeat_penalty > 0.0f && p->repeat_penalty != 1.0f)
+        for (size_t i = 0; i < n_recent; i++) {
+            float *l = &logits[recent[i]];
+            *l = *l > 0 ? *l / p->repeat_penalty : *l * p->repeat_penalty;
+        }
+    if (p->temperature <= 0.0f) {
+        size_t best = 0;
+        for (size_t i = 1; i < V; i++)
+            best = logits[i] > logits[best] ? i : best;
+        return (int32_t)best;
+    }
+    for (size_t i = 0; i < V; i++)
+        cands[i] = (cand){logits[i] / p->temperature, (int32_t)i};
+    qsort(cands, V, sizeof *cands, cand_desc);
+    size_t n = p->top_k && p->top_k < V ? p->top_k : V;
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++)
+        sum += exp((double)cands[i].logit - cands[0].logit);
+    if (p->top_p > 0.0f && p->top_p < 1.0f) {
+        double acc = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            acc += exp((double)cands[i].logit - cands[0].logit) / sum;
+            if (acc >= p->top_p) {
+                n = i + 1;
+                break;
+            }
+        }
+        sum = 0.0;
+        for (size_t i = 0; i < n; i++)
+            sum += exp((double)cands[i].logit - cands[0].logit);
+    }
+    double u = (double)(rng_next(rng) >> 11) * 0x1.0p-53 * sum;
+    for (size_t i = 0; i < n; i++) {
+        u -= exp((double)cands[i].logit - cands[0].logit);
+        if (u <= 0.0)
+            return cands[i].id;
+    }
+    return cands[n - 1].id;
+}
+
+kvc_status kvch_generate(kvch_llama_ctx *c, kvch_kv *kv, const kvch_model *m,
+                         const int32_t *prompt, uint32_t n_prompt, const kvch_gen_params *p,
+                         int32_t *out_ids, kvch_gen_result *r, char *err, size_t cap)
+{
+    const size_t V = m->llama->hp.n_vocab;
+    if (!n_prompt)
+        return kvch_fail(err, cap, KVC_E_INVALID, "generate: empty prompt");
+    memset(r, 0, sizeof *r);
+    r->n_prompt = n_prompt;
+    float *logits = malloc(V * sizeof(float));         /* (n_vocab) */
+    cand *cands = malloc(V * sizeof(cand));            /* (n_vocab) */
+    size_t hist_cap = (size_t)n_prompt + p->n_predict; /* (prompt + generated) */
+    int32_t *hist = malloc(hist_cap * sizeof(int32_t));
+    if (!logits || !cands || !hist) {
+        free(logits);
+        free(cands);
+        free(hist);
+        return kvch_fail(err, cap, KVC_E_NOMEM, "generate: out of memory");
+    }
+    memcpy(hist, prompt, n_prompt * sizeof(int32_t));
+    size_t n_hist = n_prompt;
+    uint8_t *pflags = malloc(n_prompt);
+    if (pflags)
+        for (uint32_t i = 0; i < n_prompt; i++)
+            pflags[i] = kvch_tok_flags(m->tok, prompt[i]);
+    uint64_t rng = p->seed;
+    double t0 = now_s();
+    kvc_status s = kvch_llama_eval(c, kv, prompt, pflags, n_prompt, 0, logits, 1, err, cap);
+    free(pflags);
+    r->prefill_s = now_s() - t0;
+    t0 = now_s();
+    for (uint32_t i = 0; !s && i < p->n_predict; i++) {
+        size_t back = p->repeat_last < n_hist ? p->repeat_last : n_hist;
+        int32_t id = sample(logits, V, p, hist + n_hist - back, back, cands, &rng);
+        int stop = 0;
+        for (uint32_t j = 0; j < p->n_stop; j++)
+            stop |= p->stop[j] == id;
+        if (stop) {
+            r->stopped = 1;
+            break;
+        }
+        hist[n_hist++] = id;
+        if (out_ids)
+            out_ids[r->n_generated] = id;
+        r->n_generated++;
+        if (p->on_token && p->on_token(p->user, id))
+            break;
+        if (i + 1 == p->n_predict)
+            break;
+        uint8_t fl = kvch_tok_flags(m->tok, id);
+        s = kvch_llama_eval(c, kv, &id, &fl, 1, (int32_t)(n_hist - 1), logits, 1, err, cap);
+    }
+    r->decode_s = now_s() - t0;
+    if (!s)
+        s = kvch_kv_stats(kv, &r->kv);
+    free(logits);
+    free(cands);
+    free(hist);
+    return s;
+}
+
+/* ---- preparation feed ----------------------------------------------------------------- */
+
+typedef struct feed {
+    const kvc_plugin *p;
+    kvc_instance *inst;
+    char *err;
+    size_t cap;
+} feed;
+
+/* The forward pass's attention inputs, straight to the plugin. */
+static kvc_status feed_hook(void *user, uint32_t layer, uint32_t n, const int32_t *pos,
+                            const float *x)
+{
+    feed *f = user;
+    kvc_calib_chunk ch = {.struct_size = sizeof ch, .n_rows = n, .x = x, .positions = pos};
+    kvc_status s = f->p->prepare_layer(f->inst, layer, NULL, &ch);
+    if (s)
+        kvch_fail(f->err, f->cap, s, "%s: prepare_layer(layer %u, %u calibration rows): %s", f->p->id,
+             layer, n, f->p->instance_message(f->inst));
+    return s;
+}
+
+kvc_status kvch_prepare(const kvc_plugin *p, kvc_instance *inst, const kvch_llama *m,
+                        const int32_t *calib, size_t n_calib, const kvch_prepare_params *pp,
+                        kvch_prepare_result *r, char *err, size_t cap)
+{
+    memset(r, 0, sizeof *r);
+    const uint32_t L = m->hp.n_layer;
+    kvc_status s = KVC_OK;
+    double t0 = now_s();
+    if (p->caps & KVC_CAP_NEEDS_WEIGHTS)
+        for (uint32_t l = 0; l < L; l++) {
+            kvc_layer_weights w;
+            kvch_llama_layer_weights(m, l, &w);
+            if ((s = p->prepare_layer(inst, l, &w, NULL)))
+                return kvch_fail(err, cap, s, "%s: prepare_layer(layer %u, weights): %s", p->id, l,
+                            p->instance_message(inst));
+            if (pp->progress)
+                pp->progress(pp->user, "weights", l + 1, L);
+        }
+    if (p->caps & KVC_CAP_NEEDS_CALIBRATION) {
+        size_t n = pp->max_tokens && pp->max_tokens < n_calib ? (size_t)pp->max_tokens : n_calib;
+        if (n == 0)
+            return kvch_fail(err, cap, KVC_E_INVALID, "%s needs calibration text and none was given",
+                        p->id);
+        uint32_t win = pp->n_ctx ? pp->n_ctx : 512;
+        kvc_geometry geo;
+        kvch_llama_geometry(m, win, &geo);
+        kvch_kv *kv = NULL;
+        kvch_llama_ctx *c = NULL;
+        feed f = {p, inst, err, cap};
+        if ((s = kvch_kv_exact(&geo, &kv, err, cap)) ||
+            (s = kvch_llama_ctx_new(m, win, &c, err, cap))) {
+            kvch_kv_free(kv);
+            return s;
+        }
+        kvch_llama_ctx_hook(c, feed_hook, &f);
+        for (size_t at = 0; at < n && !s; at += win) {
+            uint32_t nw = n - at < win ? (uint32_t)(n - at) : win;
+            if (!(s = kvch_kv_reset(kv, err, cap)))
+                s = kvch_llama_eval(c, kv, calib + at, NULL, nw, 0, NULL, 0, err, cap);
+            if (!s) {
+                r->calib_tokens += nw;
+                r->calib_windows++;
+                if (pp->progress)
+                    pp->progress(pp->user, "calibration", at + nw, n);
+            }
+        }
+        kvch_llama_ctx_free(c);
+        kvch_kv_free(kv);
+        if (s)
+            return s;
+    }
+    double t1 = now_s();
+    r->feed_s = t1 - t0;
+    if ((s = p->finalize(inst)))
+        return kvch_fail(err, cap, s, "%s: finalize: %s", p->id, p->instance_message(inst));
+    r->finalize_s = now_s() - t1;
+    return KVC_OK;
+}

@@ -1,0 +1,136 @@
+/*
+ * run.h -- what the model host does with a model and a KV store:
+ * perplexity (llama.cpp's protocol), generation, and the preparation feed
+ * that gives a compressor its weights and calibration activations.
+ *
+ * Prefix kvch_. Single-threaded per call (BLAS may use its own threads).
+ */
+#ifndef KVCH_RUN_H
+#define KVCH_RUN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvc.h"
+#include "llama.h"
+#include "tokenizer.h"
+
+/* Reads a whole file into *buf (malloc'd, NUL-terminated, caller frees).
+ * Errors: INVALID with err naming the path and strerror. */
+kvc_status kvch_read_file(const char *path, char **buf, size_t *len, char *err, size_t err_size);
+
+/* The default model path: $KVC_MODEL, else $KVC_MODEL_DIR/NAME, else
+ * ~/.cache/kvc/NAME, NAME = SmolLM2-135M-Instruct.Q4_1.gguf. Writes into
+ * buf[cap] and returns buf. */
+const char *kvch_default_model(char *buf, size_t cap);
+
+/* A model and its tokenizer, loaded together. */
+typedef struct kvch_model {
+    kvch_gguf *gguf;
+    kvch_llama *llama;
+    kvch_tokenizer *tok;
+    double load_s; /* seconds to map, dequantize and build the tokenizer */
+} kvch_model;
+
+/* Opens path (NULL: kvch_default_model) and loads weights and tokenizer.
+ * The error names the path and, when it is the default model and absent,
+ * says to run scripts/fetch-model.sh. */
+kvc_status kvch_model_open(const char *path, kvch_model *m, char *err, size_t err_size);
+void kvch_model_close(kvch_model *m);
+
+/* ---- perplexity ------------------------------------------------------------ */
+
+typedef struct kvch_ppl_params {
+    uint32_t n_ctx;       /* tokens per chunk (even, >= 4) */
+    uint32_t n_chunks;    /* 0 = every whole chunk of the text */
+    int token_by_token;   /* second half: one eval per token instead of one batch */
+    /* called after each chunk (may be NULL) */
+    void (*progress)(void *user, uint32_t chunk, uint32_t n_chunks, double ppl);
+    void *user;
+} kvch_ppl_params;
+
+typedef struct kvch_ppl_result {
+    double ppl;              /* exp(mean NLL) over the scored tokens */
+    double ppl_err;          /* ppl * sqrt(var(NLL) / (N - 1)), as llama-perplexity */
+    uint64_t n_scored;       /* tokens scored: chunks * (n_ctx - 1 - n_ctx/2) */
+    uint32_t n_chunks;
+    double prefill_s;        /* seconds in first halves (prompt) */
+    uint64_t prefill_tokens;
+    double gen_s;            /* seconds in second halves (generation) */
+    uint64_t gen_tokens;
+    /* The store's stats at the end of the last chunk (all n_ctx - 1 tokens
+     * held): resident and fp16-full bytes per token of the sequence. */
+    double kv_bytes_per_token;
+    double fp16_bytes_per_token;
+} kvch_ppl_result;
+
+/* Scores tokens [n_tokens] the way llama.cpp's llama-perplexity does:
+ * non-overlapping chunks of n_ctx tokens, a fresh sequence per chunk
+ * (kvch_kv_reset), the logits of positions n_ctx/2 .. n_ctx-2 scoring the
+ * tokens after them. The first half is the prompt (one eval: append +
+ * attend as prefill); the second half follows as generation. flags [n_tokens]
+ * (KVC_TOKEN_*) go with the appends, may be NULL. Errors: INVALID (fewer
+ * tokens than one chunk), the store's errors. */
+kvc_status kvch_perplexity(kvch_llama_ctx *c, kvch_kv *kv, const kvch_llama *m,
+                           const int32_t *tokens, const uint8_t *flags, size_t n_tokens,
+                           const kvch_ppl_params *p, kvch_ppl_result *r, char *err,
+                           size_t err_size);
+
+/* ---- generation -------------------------------------------------------------- */
+
+typedef struct kvch_gen_params {
+    uint32_t n_predict;   /* tokens to generate at most */
+    float temperature;    /* 0 = greedy (argmax) */
+    uint32_t top_k;       /* 0 = off */
+    float top_p;          /* 1 = off */
+    float repeat_penalty; /* 1 = off; divides positive logits of recent tokens */
+    uint32_t repeat_last; /* tokens the penalty looks back over */
+    uint64_t seed;
+    const int32_t *stop;  /* [n_stop] ids that end generation (not emitted) */
+    uint32_t n_stop;
+    /* called for each generated token (may be NULL); nonzero stops */
+    int (*on_token)(void *user, int32_t id);
+    void *user;
+} kvch_gen_params;
+
+typedef struct kvch_gen_result {
+    uint32_t n_prompt, n_generated;
+    double prefill_s, decode_s;
+    int stopped;          /* 1 when a stop token ended it */
+    kvc_seq_stats kv;     /* the store at the end */
+} kvch_gen_result;
+
+/* Prefills prompt [n_prompt] at positions 0.. into kv, then samples
+ * n_predict tokens one decode step at a time. The generated ids go to
+ * out_ids [n_predict] (may be NULL). */
+kvc_status kvch_generate(kvch_llama_ctx *c, kvch_kv *kv, const kvch_model *m,
+                         const int32_t *prompt, uint32_t n_prompt, const kvch_gen_params *p,
+                         int32_t *out_ids, kvch_gen_result *r, char *err, size_t err_size);
+
+/* ---- preparation feed ---------------------------------------------------------- */
+
+typedef struct kvch_prepare_params {
+    uint32_t n_ctx;        /* calibration window: tokens per forward pass */
+    uint64_t max_tokens;   /* calibration tokens at most (0 = all given) */
+    void (*progress)(void *user, const char *stage, uint64_t done, uint64_t total);
+    void *user;
+} kvch_prepare_params;
+
+typedef struct kvch_prepare_result {
+    uint64_t calib_tokens;  /* activation rows fed per layer */
+    uint32_t calib_windows; /* forward passes */
+    double feed_s, finalize_s;
+} kvch_prepare_result;
+
+/* Prepares `inst` (of plugin p) for model m: when the plugin has
+ * KVC_CAP_NEEDS_WEIGHTS, each layer's W_q, W_k, W_v, W_o (kvc_layer_weights:
+ * fp32, [out][in] as the GGUF holds them); when it has
+ * KVC_CAP_NEEDS_CALIBRATION, the attention-input rows of every layer from
+ * exact forward passes over calib [n_calib] tokens in windows of n_ctx, as
+ * kvc_calib_chunk's of one window each. Then finalize(). Errors: the
+ * plugin's, with its message in err. */
+kvc_status kvch_prepare(const kvc_plugin *p, kvc_instance *inst, const kvch_llama *m,
+                        const int32_t *calib, size_t n_calib, const kvch_prepare_params *pp,
+                        kvch_prepare_result *r, char *err, size_t err_size);
+
+#endif /* KVCH_RUN_H */

@@ -1,0 +1,714 @@
+/*
+ * test_model.c -- the reference model host: forward-pass pieces against
+ * hand-computed values, a tiny random Llama against a float64 reference
+ * written here from the equations, batched prefill == token-by-token
+ * decode, the `full` plugin == the built-in exact path, the preparation
+ * feed, and on SmolLM2 (skipped when the model is absent): perplexity
+ * through `full` equal to the exact path and fp16 within 0.1%.
+ */
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvch.h"
+#include "model_path.h"
+#include "run.h"
+
+/* ---- pieces, by hand --------------------------------------------------------- */
+
+START_TEST(rmsnorm_by_hand)
+{
+    /* x = [1, 2, 3, 4]: mean(x^2) = 30/4 = 7.5; eps 0.5 -> 1/sqrt(8) */
+    const float x[4] = {1, 2, 3, 4}, w[4] = {1, 0.5f, -1, 2};
+    float y[4];
+    kvch_rmsnorm(x, w, 0.5f, 1, 4, y);
+    const double s = 1.0 / sqrt(8.0);
+    const double want[4] = {1 * s, 2 * s * 0.5, -3 * s, 8 * s};
+    for (int i = 0; i < 4; i++)
+        ck_assert_double_eq_tol(y[i], want[i], 1e-6);
+    /* two rows are normalized independently, in place */
+    float z[8] = {1, 2, 3, 4, 2, 4, 6, 8};
+    kvch_rmsnorm(z, w, 0.5f, 2, 4, z);
+    ck_assert_double_eq_tol(z[0], want[0], 1e-6);
+    /* row 2: mean(x^2) = 30, 1/sqrt(30.5) */
+    ck_assert_double_eq_tol(z[7], 8 * 2 / sqrt(30.5), 1e-6);
+}
+END_TEST
+
+START_TEST(swiglu_by_hand)
+{
+    float g[3] = {0, 1, -2};
+    const float u[3] = {5, 2, 3};
+    kvch_swiglu(g, u, 3);
+    ck_assert_double_eq_tol(g[0], 0.0, 1e-7);
+    ck_assert_double_eq_tol(g[1], 1.0 / (1.0 + exp(-1.0)) * 2.0, 1e-6);
+    ck_assert_double_eq_tol(g[2], -2.0 / (1.0 + exp(2.0)) * 3.0, 1e-6);
+}
+END_TEST
+
+START_TEST(linear_by_hand)
+{
+    /* W [2][3], x [2][3]: y = x W^T + b */
+    const float w[6] = {1, 2, 3, -1, 0, 1}, x[6] = {1, 1, 1, 2, 0, -1}, b[2] = {0.5f, -1};
+    float y[4];
+    kvch_linear(x, w, b, 2, 3, 2, y);
+    const float want[4] = {6.5f, -1.0f, -0.5f, -4.0f};
+    for (int i = 0; i < 4; i++)
+        ck_assert_float_eq_tol(y[i], want[i], 1e-6f);
+    kvch_linear(x, w, NULL, 2, 3, 2, y);
+    ck_assert_float_eq_tol(y[0], 6.0f, 1e-6f);
+}
+END_TEST
+
+START_TEST(log_softmax_by_hand)
+{
+    const float row[3] = {1, 2, 3};
+    double lse = log(exp(1.0) + exp(2.0) + exp(3.0));
+    ck_assert_double_eq_tol(kvch_log_softmax_at(row, 3, 2), 3.0 - lse, 1e-9);
+    ck_assert_double_eq_tol(kvch_log_softmax_at(row, 3, 0), 1.0 - lse, 1e-9);
+    /* large logits do not overflow */
+    const float big[2] = {1000, 1000};
+    ck_assert_double_eq_tol(kvch_log_softmax_at(big, 2, 1), -log(2.0), 1e-9);
+}
+END_TEST
+
+/* ---- a tiny random Llama ----------------------------------------------------- */
+
+static uint64_t rng = 12345;
+static float rnd(void) /* [-1, 1) */
+{
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((double)(rng >> 40) / (double)(1ull << 23) - 1.0);
+}
+
+static float *rand_arr(size_t n, float scale, float offset)
+{
+    float *p = malloc(n * sizeof *p);
+    ck_assert_ptr_nonnull(p);
+    for (size_t i = 0; i < n; i++)
+        p[i] = offset + scale * rnd();
+    return p;
+}
+
+/* 2 layers, width 16, 4 query heads over 2 KV heads of 4, vocab 32. */
+static kvch_llama *tiny_model(int with_bias)
+{
+    kvch_llama *m = calloc(1, sizeof *m);
+    ck_assert_ptr_nonnull(m);
+    kvch_llama_hparams *hp = &m->hp;
+    strcpy(hp->arch, "llama");
+    hp->n_layer = 2;
+    hp->n_embd = 16;
+    hp->n_ff = 24;
+    hp->n_head = 4;
+    hp->n_head_kv = 2;
+    hp->head_dim = 4;
+    hp->n_vocab = 32;
+    hp->n_ctx_train = 256;
+    hp->rms_eps = 1e-5f;
+    hp->rope_style = KVC_ROPE_ADJACENT;
+    hp->rope_dims = 4;
+    hp->rope_theta = 10000.0f;
+    hp->rope_scale = 1.0f;
+    const size_t E = 16, Q = 16, KV = 8, F = 24;
+    m->tok_embd = rand_arr(32 * E, 1.0f, 0);
+    m->out_norm = rand_arr(E, 0.2f, 1.0f);
+    m->output = rand_arr(32 * E, 0.5f, 0);
+    m->layers = calloc(2, sizeof *m->layers);
+    for (int l = 0; l < 2; l++) {
+        kvch_llama_layer *L = &m->layers[l];
+        L->attn_norm = rand_arr(E, 0.2f, 1.0f);
+        L->wq = rand_arr(Q * E, 0.5f, 0);
+        L->wk = rand_arr(KV * E, 0.5f, 0);
+        L->wv = rand_arr(KV * E, 0.5f, 0);
+        L->wo = rand_arr(E * Q, 0.3f, 0);
+        if (with_bias) {
+            L->bq = rand_arr(Q, 0.3f, 0);
+            L->bk = rand_arr(KV, 0.3f, 0);
+            L->bv = rand_arr(KV, 0.3f, 0);
+        }
+        L->ffn_norm = rand_arr(E, 0.2f, 1.0f);
+        L->w_gate = rand_arr(F * E, 0.4f, 0);
+        L->w_up = rand_arr(F * E, 0.4f, 0);
+        L->w_down = rand_arr(E * F, 0.3f, 0);
+    }
+    hp->has_qkv_bias = with_bias;
+    return m;
+}
+
+/* y[o] = sum_i W[o][i] x[i] (+ b[o]), in double. */
+static void ref_linear(const float *w, const float *b, const double *x, size_t in, size_t out,
+                       double *y)
+{
+    for (size_t o = 0; o < out; o++) {
+        double s = b ? b[o] : 0.0;
+        for (size_t i = 0; i < in; i++)
+            s += (double)w[o * in + i] * x[i];
+        y[o] = s;
+    }
+}
+
+static void ref_rmsnorm(const double *x, const float *w, double eps, size_t d, double *y)
+{
+    double ss = 0;
+    for (size_t i = 0; i < d; i++)
+        ss += x[i] * x[i];
+    double inv = 1.0 / sqrt(ss / d + eps);
+    for (size_t i = 0; i < d; i++)
+        y[i] = x[i] * inv * w[i];
+}
+
+/* Rotates adjacent pairs (2i, 2i+1) of each head by pos * theta^(-2i/d). */
+static void ref_rope(double *x, size_t n_heads, size_t d, double theta, int pos)
+{
+    for (size_t h = 0; h < n_heads; h++)
+        for (size_t i = 0; i < d / 2; i++) {
+            double a = pos * pow(theta, -2.0 * i / d), c = cos(a), s = sin(a);
+            double *p = x + h * d + 2 * i, x0 = p[0], x1 = p[1];
+            p[0] = x0 * c - x1 * s;
+            p[1] = x0 * s + x1 * c;
+        }
+}
+
+/* The whole model from its equations, double precision: logits [n][V]. */
+static void ref_forward(const kvch_llama *m, const int32_t *tok, size_t n, double *logits)
+{
+    const kvch_llama_hparams *hp = &m->hp;
+    const size_t E = hp->n_embd, d = hp->head_dim, H = hp->n_head, HK = hp->n_head_kv,
+                 F = hp->n_ff, V = hp->n_vocab;
+    double *x = calloc(n * E, sizeof *x), *xn = malloc(E * sizeof *xn);
+    double *q = malloc(n * H * d * sizeof *q), *k = malloc(n * HK * d * sizeof *k);
+    double *v = malloc(n * HK * d * sizeof *v), *att = malloc(H * d * sizeof *att);
+    double *o = malloc(E * sizeof *o), *g = malloc(F * sizeof *g), *u = malloc(F * sizeof *u);
+    double *sc = malloc(n * sizeof *sc);
+    for (size_t t = 0; t < n; t++)
+        for (size_t i = 0; i < E; i++)
+            x[t * E + i] = m->tok_embd[(size_t)tok[t] * E + i];
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
+        const kvch_llama_layer *L = &m->layers[l];
+        for (size_t t = 0; t < n; t++) {
+            ref_rmsnorm(x + t * E, L->attn_norm, hp->rms_eps, E, xn);
+            ref_linear(L->wq, L->bq, xn, E, H * d, q + t * H * d);
+            ref_linear(L->wk, L->bk, xn, E, HK * d, k + t * HK * d);
+            ref_linear(L->wv, L->bv, xn, E, HK * d, v + t * HK * d);
+            ref_rope(q + t * H * d, H, d, hp->rope_theta, (int)t);
+            ref_rope(k + t * HK * d, HK, d, hp->rope_theta, (int)t);
+        }
+        for (size_t t = 0; t < n; t++) {
+            for (size_t h = 0; h < H; h++) {
+                size_t kh = h / (H / HK);
+                double mx = -INFINITY, sum = 0;
+                for (size_t j = 0; j <= t; j++) {
+                    double s = 0;
+                    for (size_t i = 0; i < d; i++)
+                        s += q[(t * H + h) * d + i] * k[(j * HK + kh) * d + i];
+                    sc[j] = s / sqrt((double)d);
+                    mx = sc[j] > mx ? sc[j] : mx;
+                }
+                for (size_t j = 0; j <= t; j++)
+                    sum += (sc[j] = exp(sc[j] - mx));
+                for (size_t i = 0; i < d; i++) {
+                    double a = 0;
+                    for (size_t j = 0; j <= t; j++)
+                        a += sc[j] * v[(j * HK + kh) * d + i];
+                    att[h * d + i] = a / sum;
+                }
+            }
+            ref_linear(L->wo, NULL, att, H * d, E, o);
+            for (size_t i = 0; i < E; i++)
+                x[t * E + i] += o[i];
+            ref_rmsnorm(x + t * E, L->ffn_norm, hp->rms_eps, E, xn);
+            ref_linear(L->w_gate, NULL, xn, E, F, g);
+            ref_linear(L->w_up, NULL, xn, E, F, u);
+            for (size_t i = 0; i < F; i++)
+                g[i] = g[i] / (1 + exp(-g[i])) * u[i];
+            ref_linear(L->w_down, NULL, g, F, E, o);
+            for (size_t i = 0; i < E; i++)
+                x[t * E + i] += o[i];
+        }
+    }
+    for (size_t t = 0; t < n; t++) {
+        ref_rmsnorm(x + t * E, m->out_norm, hp->rms_eps, E, xn);
+        ref_linear(m->output, NULL, xn, E, V, logits + t * V);
+    }
+    free(x), free(xn), free(q), free(k), free(v), free(att), free(o), free(g), free(u), free(sc);
+}
+
+static double rel_err(const float *a, const double *ref, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += (a[i] - ref[i]) * (a[i] - ref[i]);
+        den += ref[i] * ref[i];
+    }
+    return sqrt(num / den);
+}
+
+static double rel_err_f(const float *a, const float *b, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / den);
+}
+
+#define TINY_N 70 /* more than one 64-token block */
+
+static void tiny_tokens(int32_t *t, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        t[i] = (int32_t)((i * 7 + 3) % 32);
+}
+
+/* Logits of the tiny model over the exact store, in micro-batches of
+ * max_batch, or token by token when step. */
+static void tiny_eval(const kvch_llama *m, kvch_kv *kv, uint32_t max_batch, int step,
+                      const int32_t *tok, size_t n, float *logits)
+{
+    char err[256];
+    kvch_llama_ctx *c = NULL;
+    ck_assert_int_eq(kvch_llama_ctx_new(m, max_batch, &c, err, sizeof err), KVC_OK);
+    if (step) {
+        for (size_t t = 0; t < n; t++)
+            ck_assert_msg(kvch_llama_eval(c, kv, tok + t, NULL, 1, (int32_t)t,
+                                          logits + t * m->hp.n_vocab, 1, err, sizeof err) == KVC_OK,
+                          "%s", err);
+    } else {
+        ck_assert_msg(kvch_llama_eval(c, kv, tok, NULL, (uint32_t)n, 0, logits, (uint32_t)n, err,
+                                      sizeof err) == KVC_OK,
+                      "%s", err);
+    }
+    kvch_llama_ctx_free(c);
+}
+
+START_TEST(tiny_model_matches_float64_reference)
+{
+    kvch_llama *m = tiny_model(_i);
+    const size_t V = m->hp.n_vocab;
+    int32_t tok[TINY_N];
+    tiny_tokens(tok, TINY_N);
+    double *ref = malloc(TINY_N * V * sizeof *ref);
+    float *got = malloc(TINY_N * V * sizeof *got);
+    ref_forward(m, tok, TINY_N, ref);
+    kvc_geometry geo;
+    kvch_llama_geometry(m, 0, &geo);
+    kvch_kv *kv = NULL;
+    char err[256];
+    ck_assert_int_eq(kvch_kv_exact(&geo, &kv, err, sizeof err), KVC_OK);
+    tiny_eval(m, kv, 32, 0, tok, TINY_N, got); /* three micro-batches: 32, 32, 6 */
+    double e = rel_err(got, ref, TINY_N * V);
+    ck_assert_msg(e < 1e-5, "logits vs float64 reference: relative error %.3e", e);
+    kvch_kv_free(kv);
+    kvch_llama_free(m);
+    free(ref);
+    free(got);
+}
+END_TEST
+
+START_TEST(tiny_batched_equals_token_by_token)
+{
+    kvch_llama *m = tiny_model(0);
+    const size_t V = m->hp.n_vocab;
+    int32_t tok[TINY_N];
+    tiny_tokens(tok, TINY_N);
+    float *a = malloc(TINY_N * V * sizeof *a), *b = malloc(TINY_N * V * sizeof *b);
+    kvc_geometry geo;
+    kvch_llama_geometry(m, 0, &geo);
+    kvch_kv *kv = NULL;
+    char err[256];
+    ck_assert_int_eq(kvch_kv_exact(&geo, &kv, err, sizeof err), KVC_OK);
+    tiny_eval(m, kv, 128, 0, tok, TINY_N, a);
+    ck_assert_int_eq(kvch_kv_reset(kv, err, sizeof err), KVC_OK);
+    tiny_eval(m, kv, 128, 1, tok, TINY_N, b);
+    double e = rel_err_f(a, b, TINY_N * V);
+    ck_assert_msg(e < 1e-6, "batched vs token by token: relative error %.3e", e);
+    /* the store reports what it holds: 70 tokens in each of 2 layers */
+    kvc_seq_stats st;
+    ck_assert_int_eq(kvch_kv_stats(kv, &st), KVC_OK);
+    ck_assert_uint_eq(st.tokens_appended, 2 * TINY_N);
+    ck_assert_uint_eq(st.bytes_fp16_full, 2ull * TINY_N * 2 * 4 * 2 * 2);
+    kvch_kv_free(kv);
+    kvch_llama_free(m);
+    free(a);
+    free(b);
+}
+END_TEST
+
+/* Loads kvc-full.so (KVC_PLUGIN_PATH points at the build's plugins/full)
+ * and opens an instance on geo with one option. */
+typedef struct plug {
+    kvch_plugin *lib;
+    const kvc_plugin *p;
+    kvch_tracker *tr;
+    kvc_host host;
+    kvc_instance *inst;
+} plug;
+
+static void plug_open(plug *pl, const kvc_geometry *geo, const char *opt)
+{
+    char err[512];
+    ck_assert_msg(kvch_load("full", &pl->lib, err, sizeof err) == KVC_OK, "%s", err);
+    pl->p = kvch_plugin_desc(pl->lib);
+    pl->tr = kvch_tracker_new();
+    kvch_tracker_host(pl->tr, NULL, &pl->host);
+    kvch_options o = {0};
+    if (opt)
+        ck_assert_int_eq(kvch_options_add(&o, opt, err, sizeof err), 0);
+    kvc_create_info ci = {.struct_size = sizeof ci, .host = &pl->host, .geometry = geo,
+                          .device = KVC_MEM_HOST, .dtype = KVC_DTYPE_F32};
+    kvch_options_apply(&o, &ci);
+    ck_assert_msg(pl->p->create(&ci, &pl->inst, err, sizeof err) == KVC_OK, "%s", err);
+    kvch_options_clear(&o);
+}
+
+static void plug_close(plug *pl)
+{
+    pl->p->destroy(pl->inst);
+    kvch_tracker_stats ts;
+    kvch_tracker_get(pl->tr, &ts);
+    ck_assert_uint_eq(ts.live, 0);
+    kvch_tracker_free(pl->tr);
+    kvch_unload(pl->lib);
+}
+
+START_TEST(tiny_full_plugin_equals_exact_path)
+{
+    kvch_llama *m = tiny_model(1);
+    const size_t V = m->hp.n_vocab;
+    int32_t tok[TINY_N];
+    tiny_tokens(tok, TINY_N);
+    float *a = malloc(TINY_N * V * sizeof *a), *b = malloc(TINY_N * V * sizeof *b);
+    kvc_geometry geo;
+    kvch_llama_geometry(m, 0, &geo);
+    char err[256];
+    kvch_kv *ex = NULL, *pk = NULL;
+    ck_assert_int_eq(kvch_kv_exact(&geo, &ex, err, sizeof err), KVC_OK);
+    plug pl;
+    plug_open(&pl, &geo, NULL);
+    ck_assert_int_eq(kvch_kv_plugin(pl.p, pl.inst, &pk, err, sizeof err), KVC_OK);
+    tiny_eval(m, ex, 40, 0, tok, TINY_N, a);
+    tiny_eval(m, pk, 40, 0, tok, TINY_N, b);
+    /* same kernel, same blocks, same order: the same bits */
+    ck_assert_msg(memcmp(a, b, TINY_N * V * sizeof *a) == 0,
+                  "full (fp32) differs from the exact path: relative %.3e",
+                  rel_err_f(b, a, TINY_N * V));
+    kvc_seq_stats st;
+    ck_assert_int_eq(kvch_kv_stats(pk, &st), KVC_OK);
+    ck_assert_uint_eq(st.tokens_appended, 2 * TINY_N);
+    kvch_kv_free(pk);
+    kvch_kv_free(ex);
+    plug_close(&pl);
+    kvch_llama_free(m);
+    free(a);
+    free(b);
+}
+END_TEST
+
+/* ---- the preparation feed, into a recording plugin ---------------------------- */
+
+typedef struct rec {
+    const kvch_llama *m;
+    uint32_t weights_calls[2], rows[2], chunks[2];
+    int weights_ok, finalized, bad_order;
+    double x_sum[2];
+} rec;
+static rec R;
+
+static kvc_status rec_prepare(kvc_instance *inst, uint32_t layer, const kvc_layer_weights *w,
+                              const kvc_calib_chunk *c)
+{
+    (void)inst;
+    if (layer >= 2 || R.finalized)
+        return KVC_E_STATE;
+    if (w) {
+        R.weights_calls[layer]++;
+        const kvch_llama_layer *L = &R.m->layers[layer];
+        R.weights_ok += w->w_q == L->wq && w->w_k == L->wk && w->w_v == L->wv &&
+                        w->w_o == L->wo && w->struct_size == sizeof *w;
+    }
+    if (c) {
+        if (!R.weights_calls[layer])
+            R.bad_order = 1; /* weights come before calibration */
+        for (uint32_t i = 0; i < c->n_rows; i++)
+            if (c->positions[i] != (int32_t)((R.rows[layer] + i) % 20))
+                R.bad_order = 1;
+        for (size_t i = 0; i < (size_t)c->n_rows * 16; i++)
+            R.x_sum[layer] += c->x[i];
+        R.rows[layer] += c->n_rows;
+        R.chunks[layer]++;
+    }
+    return KVC_OK;
+}
+static kvc_status rec_finalize(kvc_instance *inst)
+{
+    (void)inst;
+    R.finalized = 1;
+    return KVC_OK;
+}
+static const char *rec_msg(const kvc_instance *inst)
+{
+    (void)inst;
+    return "";
+}
+
+START_TEST(prepare_feeds_weights_then_activations)
+{
+    kvch_llama *m = tiny_model(0);
+    memset(&R, 0, sizeof R);
+    R.m = m;
+    kvc_plugin p = {.struct_size = sizeof p, .id = "recorder",
+                    .caps = KVC_CAP_CPU | KVC_CAP_NEEDS_WEIGHTS | KVC_CAP_NEEDS_CALIBRATION,
+                    .prepare_layer = rec_prepare, .finalize = rec_finalize,
+                    .instance_message = rec_msg};
+    int32_t tok[50];
+    tiny_tokens(tok, 50);
+    kvch_prepare_params pp = {.n_ctx = 20};
+    kvch_prepare_result r;
+    char err[256];
+    /* 50 tokens in windows of 20: 20, 20, 10, positions restarting at 0 */
+    ck_assert_msg(kvch_prepare(&p, (kvc_instance *)&R, m, tok, 50, &pp, &r, err, sizeof err) ==
+                      KVC_OK,
+                  "%s", err);
+    ck_assert_uint_eq(r.calib_tokens, 50);
+    ck_assert_uint_eq(r.calib_windows, 3);
+    for (int l = 0; l < 2; l++) {
+        ck_assert_uint_eq(R.weights_calls[l], 1);
+        ck_assert_uint_eq(R.rows[l], 50);
+        ck_assert_uint_eq(R.chunks[l], 3);
+        ck_assert(R.x_sum[l] != 0.0);
+    }
+    ck_assert_int_eq(R.weights_ok, 2);
+    ck_assert_int_eq(R.bad_order, 0);
+    ck_assert_int_eq(R.finalized, 1);
+
+    /* --calib-tokens caps the rows; weights-only plugins run no forward pass */
+    memset(&R, 0, sizeof R);
+    R.m = m;
+    pp.max_tokens = 30;
+    ck_assert_int_eq(kvch_prepare(&p, (kvc_instance *)&R, m, tok, 50, &pp, &r, err, sizeof err),
+                     KVC_OK);
+    ck_assert_uint_eq(R.rows[0], 30);
+    memset(&R, 0, sizeof R);
+    R.m = m;
+    p.caps = KVC_CAP_CPU | KVC_CAP_NEEDS_WEIGHTS;
+    ck_assert_int_eq(kvch_prepare(&p, (kvc_instance *)&R, m, NULL, 0, &pp, &r, err, sizeof err),
+                     KVC_OK);
+    ck_assert_uint_eq(R.rows[0], 0);
+    ck_assert_uint_eq(R.weights_calls[1], 1);
+    /* a calibration plugin without text is an error, in words */
+    p.caps = KVC_CAP_CPU | KVC_CAP_NEEDS_CALIBRATION;
+    memset(&R, 0, sizeof R);
+    R.m = m;
+    ck_assert_int_eq(kvch_prepare(&p, (kvc_instance *)&R, m, NULL, 0, &pp, &r, err, sizeof err),
+                     KVC_E_INVALID);
+    ck_assert_ptr_nonnull(strstr(err, "calibration"));
+    kvch_llama_free(m);
+}
+END_TEST
+
+START_TEST(eval_rejects_bad_tokens)
+{
+    kvch_llama *m = tiny_model(0);
+    kvc_geometry geo;
+    kvch_llama_geometry(m, 0, &geo);
+    kvch_kv *kv = NULL;
+    kvch_llama_ctx *c = NULL;
+    char err[256];
+    ck_assert_int_eq(kvch_kv_exact(&geo, &kv, err, sizeof err), KVC_OK);
+    ck_assert_int_eq(kvch_llama_ctx_new(m, 8, &c, err, sizeof err), KVC_OK);
+    int32_t bad[2] = {3, 32};
+    ck_assert_int_eq(kvch_llama_eval(c, kv, bad, NULL, 2, 0, NULL, 0, err, sizeof err),
+                     KVC_E_INVALID);
+    ck_assert_ptr_nonnull(strstr(err, "vocabulary"));
+    int32_t ok[1] = {3};
+    ck_assert_int_eq(kvch_llama_eval(c, kv, ok, NULL, 1, 5, NULL, 0, err, sizeof err), KVC_OK);
+    /* positions must grow: 5 again is refused by the store */
+    ck_assert_int_eq(kvch_llama_eval(c, kv, ok, NULL, 1, 5, NULL, 0, err, sizeof err),
+                     KVC_E_INVALID);
+    kvch_llama_ctx_free(c);
+    kvch_kv_free(kv);
+    kvch_llama_free(m);
+}
+END_TEST
+
+/* ---- SmolLM2 ------------------------------------------------------------------- */
+
+static kvch_model M;
+static int have_model;
+static int32_t *gpl;
+static uint8_t *gpl_flags;
+static size_t n_gpl;
+
+static void real_setup(void)
+{
+    const char *path = kvct_model_or_null();
+    have_model = 0;
+    if (!path)
+        return;
+    char err[1024], *text = NULL;
+    size_t len;
+    ck_assert_msg(kvch_model_open(path, &M, err, sizeof err) == KVC_OK, "%s", err);
+    ck_assert_int_eq(kvch_read_file("/usr/share/common-licenses/GPL-3", &text, &len, err,
+                                    sizeof err), KVC_OK);
+    ck_assert_int_eq(kvch_tok_encode(M.tok, text, len, 0, &gpl, &n_gpl), KVC_OK);
+    free(text);
+    gpl_flags = malloc(n_gpl);
+    for (size_t i = 0; i < n_gpl; i++)
+        gpl_flags[i] = kvch_tok_flags(M.tok, gpl[i]);
+    have_model = 1;
+}
+
+static void real_teardown(void)
+{
+    if (!have_model)
+        return;
+    kvch_model_close(&M);
+    free(gpl);
+    free(gpl_flags);
+}
+
+/* main() never runs these without the model; a failed setup fails them. */
+#define SKIP_WITHOUT_MODEL() ck_assert_msg(have_model, "model setup failed")
+
+static double real_ppl(kvch_kv *kv, uint32_t n_ctx, uint32_t chunks, int step)
+{
+    char err[1024];
+    kvch_llama_ctx *c = NULL;
+    ck_assert_int_eq(kvch_llama_ctx_new(M.llama, n_ctx, &c, err, sizeof err), KVC_OK);
+    kvch_ppl_params pp = {n_ctx, chunks, step, NULL, NULL};
+    kvch_ppl_result r;
+    ck_assert_msg(kvch_perplexity(c, kv, M.llama, gpl, gpl_flags, n_gpl, &pp, &r, err,
+                                  sizeof err) == KVC_OK,
+                  "%s", err);
+    kvch_llama_ctx_free(c);
+    ck_assert_uint_eq(r.n_chunks, chunks);
+    ck_assert_uint_eq(r.n_scored, chunks * (n_ctx - 1 - n_ctx / 2));
+    ck_assert_msg(isfinite(r.ppl) && r.ppl > 1.0 && r.ppl < 100.0, "ppl %f", r.ppl);
+    return r.ppl;
+}
+
+START_TEST(smollm2_hyperparameters_from_the_file)
+{
+    SKIP_WITHOUT_MODEL();
+    const kvch_llama_hparams *hp = &M.llama->hp;
+    ck_assert_str_eq(hp->arch, "llama");
+    ck_assert_uint_eq(hp->n_layer, 30);
+    ck_assert_uint_eq(hp->n_embd, 576);
+    ck_assert_uint_eq(hp->n_ff, 1536);
+    ck_assert_uint_eq(hp->n_head, 9);
+    ck_assert_uint_eq(hp->n_head_kv, 3);
+    ck_assert_uint_eq(hp->head_dim, 64);
+    ck_assert_uint_eq(hp->n_vocab, 49152);
+    ck_assert_int_eq(hp->rope_style, KVC_ROPE_ADJACENT);
+    ck_assert_float_eq(hp->rope_theta, 100000.0f);
+    ck_assert_int_eq(hp->tied_output, 1);
+    ck_assert_uint_gt(n_gpl, 7000);
+}
+END_TEST
+
+START_TEST(smollm2_full_equals_exact_and_fp16_close)
+{
+    SKIP_WITHOUT_MODEL();
+    const uint32_t n_ctx = 128, chunks = 2;
+    kvc_geometry geo;
+    kvch_llama_geometry(M.llama, n_ctx, &geo);
+    char err[512];
+    kvch_kv *ex = NULL, *pk = NULL, *ph = NULL;
+    ck_assert_int_eq(kvch_kv_exact(&geo, &ex, err, sizeof err), KVC_OK);
+    double p_exact = real_ppl(ex, n_ctx, chunks, 0);
+    plug f32, f16;
+    plug_open(&f32, &geo, NULL);
+    plug_open(&f16, &geo, "dtype=fp16");
+    ck_assert_int_eq(kvch_kv_plugin(f32.p, f32.inst, &pk, err, sizeof err), KVC_OK);
+    ck_assert_int_eq(kvch_kv_plugin(f16.p, f16.inst, &ph, err, sizeof err), KVC_OK);
+    double p_full = real_ppl(pk, n_ctx, chunks, 0);
+    double p_half = real_ppl(ph, n_ctx, chunks, 0);
+    printf("SmolLM2 GPL-3 ctx %u x %u chunks: exact %.6f, full %.6f, full fp16 %.6f\n", n_ctx,
+           chunks, p_exact, p_full, p_half);
+    ck_assert_msg(p_full == p_exact, "full %.9f != exact %.9f", p_full, p_exact);
+    ck_assert_msg(fabs(p_half - p_exact) / p_exact < 1e-3, "fp16 %.6f vs %.6f", p_half, p_exact);
+    /* the generation half token by token equals the batched one (ABI rule) */
+    double p_step = real_ppl(pk, n_ctx, 1, 1), p_batch = real_ppl(pk, n_ctx, 1, 0);
+    ck_assert_msg(fabs(p_step - p_batch) / p_batch < 1e-5, "step %.9f batch %.9f", p_step,
+                  p_batch);
+    kvch_kv_free(pk);
+    kvch_kv_free(ph);
+    kvch_kv_free(ex);
+    plug_close(&f32);
+    plug_close(&f16);
+}
+END_TEST
+
+START_TEST(smollm2_greedy_chat_answer)
+{
+    SKIP_WITHOUT_MODEL();
+    const char *chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                       "<|im_start|>assistant\n";
+    int32_t *ids = NULL;
+    size_t n = 0;
+    ck_assert_int_eq(kvch_tok_encode(M.tok, chat, strlen(chat), 1, &ids, &n), KVC_OK);
+    kvc_geometry geo;
+    kvch_llama_geometry(M.llama, 256, &geo);
+    char err[512];
+    kvch_kv *kv = NULL;
+    kvch_llama_ctx *c = NULL;
+    ck_assert_int_eq(kvch_kv_exact(&geo, &kv, err, sizeof err), KVC_OK);
+    ck_assert_int_eq(kvch_llama_ctx_new(M.llama, 64, &c, err, sizeof err), KVC_OK);
+    int32_t stop = kvch_tok_find(M.tok, "<|im_end|>"), out[24];
+    kvch_gen_params gp = {.n_predict = 24, .repeat_penalty = 1.0f, .stop = &stop, .n_stop = 1};
+    kvch_gen_result r;
+    ck_assert_msg(kvch_generate(c, kv, &M, ids, (uint32_t)n, &gp, out, &r, err, sizeof err) ==
+                      KVC_OK,
+                  "%s", err);
+    char *text = NULL;
+    size_t len = 0;
+    ck_assert_int_eq(kvch_tok_decode(M.tok, out, r.n_generated, &text, &len), KVC_OK);
+    printf("greedy answer: %s\n", text);
+    ck_assert_msg(strstr(text, "Paris") != NULL, "answer without Paris: %s", text);
+    free(text);
+    free(ids);
+    kvch_llama_ctx_free(c);
+    kvch_kv_free(kv);
+}
+END_TEST
+
+/* argv[1] "smollm2": the cases that need the model (exit 77, SKIP, when it
+ * is absent); otherwise the self-contained ones. */
+int main(int argc, char **argv)
+{
+    int real = argc > 1 && strcmp(argv[1], "smollm2") == 0;
+    Suite *s = suite_create("model");
+    if (real) {
+        if (!kvct_model_or_null())
+            return 77;
+        TCase *r = tcase_create("smollm2");
+        tcase_add_unchecked_fixture(r, real_setup, real_teardown);
+        tcase_set_timeout(r, 900);
+        tcase_add_test(r, smollm2_hyperparameters_from_the_file);
+        tcase_add_test(r, smollm2_full_equals_exact_and_fp16_close);
+        tcase_add_test(r, smollm2_greedy_chat_answer);
+        suite_add_tcase(s, r);
+    } else {
+        TCase *p = tcase_create("pieces");
+        tcase_add_test(p, rmsnorm_by_hand);
+        tcase_add_test(p, swiglu_by_hand);
+        tcase_add_test(p, linear_by_hand);
+        tcase_add_test(p, log_softmax_by_hand);
+        suite_add_tcase(s, p);
+        TCase *t = tcase_create("tiny");
+        tcase_add_loop_test(t, tiny_model_matches_float64_reference, 0, 2);
+        tcase_add_test(t, tiny_batched_equals_token_by_token);
+        tcase_add_test(t, tiny_full_plugin_equals_exact_path);
+        tcase_add_test(t, prepare_feeds_weights_then_activations);
+        tcase_add_test(t, eval_rejects_bad_tokens);
+        suite_add_tcase(s, t);
+    }
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
