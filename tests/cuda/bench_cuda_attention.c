@@ -2,8 +2,9 @@
  * bench_cuda_attention.c -- decode attention time per token on the device.
  *
  * SmolLM2's layer geometry (9 query heads, 3 KV heads, head_dim 64, RoPE
- * halves, theta 100000), one query over n_k = 1024 .. 65536 keys. For each
- * n_k: the median of 20 timed calls (cudaEvent, after 3 warm-up calls) of
+ * adjacent pairs as a llama GGUF holds them, theta 100000), one query over
+ * n_k = 1024 .. 65536 keys. For each n_k: the median of 20 timed calls
+ * (cudaEvent, after 3 warm-up calls) of
  *   f32   kvck_cuda_attention: pre-RoPE fp32 K rotated into scratch every
  *         call (the kvck_attention contract), then attention;
  *   f16kv kvck_cuda_attention_f16kv: post-RoPE fp16 cache, attention only;
@@ -49,7 +50,7 @@ int main(int argc, char **argv)
     const size_t max_nk = argc > 1 ? strtoul(argv[1], NULL, 0) : 65536;
     const size_t nh = 9, nkv = 3, hd = 64;
     kvck_rope rope;
-    CHECK(kvck_rope_init(&rope, 2, (int)hd, 0, 100000.0f, NULL, 0.0f) != 0
+    CHECK(kvck_rope_init(&rope, 1, (int)hd, 0, 100000.0f, NULL, 0.0f) != 0
               ? cudaErrorInvalidValue : cudaSuccess);
     const kvck_dense d = {&rope, 1.0f / sqrtf((float)hd), 0, nh, nkv, hd};
 
