@@ -15,10 +15,11 @@ static void usage(FILE *f)
             "usage: kvc generate (--plugin NAME|PATH [--opt name=value]... [--artifact FILE] |\n"
             "                     --exact) --prompt TEXT [-n N] [--chat] [--system TEXT]\n"
             "                    [--model GGUF] [--temp T] [--top-k K] [--top-p P]\n"
-            "                    [--repeat-penalty R] [--seed S] [--json]\n"
+            "                    [--repeat-penalty R] [--seed S] [--special] [--json]\n"
             "  Generates up to N tokens (default 128) after TEXT. --chat wraps TEXT in the\n"
             "  model's chat template (ChatML), with the template's default system message\n"
-            "  unless --system is given, and stops at the end-of-turn token.\n"
+            "  unless --system is given, and stops at the end-of-turn token. --special parses\n"
+            "  control tokens written in a raw TEXT (\"<|im_start|>\").\n"
             "  Sampling: greedy by default (--temp 0); --temp > 0 samples with top-k (40),\n"
             "  top-p (0.95) and --seed (1). --repeat-penalty defaults to 1.1 over the last\n"
             "  64 tokens (1 = off).\n");
@@ -84,7 +85,7 @@ static int run_generate(kvc_session_args *a, int argc, char **argv)
 {
     const char *prompt = NULL, *system = NULL;
     long n_predict = 128;
-    int chat = 0, json = 0, rc = 1;
+    int chat = 0, json = 0, special = 0, rc = 1;
     kvch_gen_params gp = {.temperature = 0.0f, .top_k = 40, .top_p = 0.95f,
                           .repeat_penalty = 1.1f, .repeat_last = 64, .seed = 1};
     for (int i = 1; i < argc; i++) {
@@ -101,6 +102,8 @@ static int run_generate(kvc_session_args *a, int argc, char **argv)
             chat = 1;
         } else if (!strcmp(o, "--json")) {
             json = 1;
+        } else if (!strcmp(o, "--special")) {
+            special = 1;
         } else if (i + 1 < argc && (!strcmp(o, "--prompt") || !strcmp(o, "--system"))) {
             *(!strcmp(o, "--prompt") ? &prompt : &system) = argv[++i];
         } else if (i + 1 < argc && (!strcmp(o, "-n") || !strcmp(o, "--top-k") ||
@@ -177,7 +180,7 @@ static int run_generate(kvc_session_args *a, int argc, char **argv)
     }
     gp.stop = stop;
     const char *text = chat ? full : prompt;
-    if (kvch_tok_encode(tok, text, strlen(text), chat, &ids, &n_ids) || n_ids == 0) {
+    if (kvch_tok_encode(tok, text, strlen(text), chat || special, &ids, &n_ids) || n_ids == 0) {
         fprintf(stderr, "kvc generate: the prompt gives no tokens\n");
         goto done;
     }
@@ -257,8 +260,5 @@ done:
 
 int kvc_cmd_generate(int argc, char **argv)
 {
-    kvc_session_args a = {0};
-    int rc = run_generate(&a, argc, argv);
-    kvch_options_clear(&a.opts);
-    return rc;
+    return session_main(run_generate, argc, argv);
 }

@@ -217,8 +217,5 @@ done:
 
 int kvc_cmd_ppl(int argc, char **argv)
 {
-    kvc_session_args a = {0};
-    int rc = run_ppl(&a, argc, argv);
-    kvch_options_clear(&a.opts);
-    return rc;
+    return session_main(run_ppl, argc, argv);
 }

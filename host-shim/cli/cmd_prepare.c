@@ -180,8 +180,5 @@ done:
 
 int kvc_cmd_prepare(int argc, char **argv)
 {
-    kvc_session_args a = {0};
-    int rc = run_prepare(&a, argc, argv);
-    kvch_options_clear(&a.opts);
-    return rc;
+    return session_main(run_prepare, argc, argv);
 }

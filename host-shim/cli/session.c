@@ -12,6 +12,14 @@ double session_now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+int session_main(int (*body)(kvc_session_args *a, int argc, char **argv), int argc, char **argv)
+{
+    kvc_session_args a = {0};
+    int rc = body(&a, argc, argv);
+    kvch_options_clear(&a.opts);
+    return rc;
+}
+
 int session_arg(const char *cmd, kvc_session_args *a, int argc, char **argv, int *i)
 {
     const char *o = argv[*i];

@@ -35,6 +35,10 @@ typedef struct kvc_session_args {
     kvch_options opts;    /* --opt name=value ... */
 } kvc_session_args;
 
+/* Runs a command body with fresh arguments and frees them after: the
+ * commands' main(). */
+int session_main(int (*body)(kvc_session_args *a, int argc, char **argv), int argc, char **argv);
+
 /* Consumes argv[*i] (and its value) when it is one of --model, --plugin,
  * --exact, --artifact, --opt: returns 1 then, 0 when not one of them, -1
  * on a bad value (message printed with the command name). */

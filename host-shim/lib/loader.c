@@ -11,13 +11,13 @@
 #include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
+#include "errmsg.h"
 #include "kvch.h"
 
 #ifndef KVCH_PLUGINDIR
@@ -36,15 +36,6 @@ struct kvch_plugin {
     char *path;
 };
 
-static void set_err(char *err, size_t err_size, const char *fmt, ...)
-{
-    if (err == NULL || err_size == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_size, fmt, ap);
-    va_end(ap);
-}
 
 static char *dup_str(const char *s)
 {
@@ -138,7 +129,7 @@ static char *resolve_name(const char *name, kvc_status *st, char *err, size_t er
     if (file == NULL || dirs_get(&l) != 0) {
         free(file);
         *st = KVC_E_NOMEM;
-        set_err(err, err_size, "out of memory looking up plugin \"%s\"", name);
+        kvch_set_err(err, err_size, "out of memory looking up plugin \"%s\"", name);
         return NULL;
     }
     snprintf(file, nlen + 8, "kvc-%s.so", name);
@@ -200,66 +191,66 @@ static int id_ok(const char *id)
 static kvc_status check_desc(const kvc_plugin *d, const char *path, char *err, size_t err_size)
 {
     if (d->struct_size < offsetof(kvc_plugin, abi_version) + sizeof d->abi_version) {
-        set_err(err, err_size, "%s: descriptor struct_size %u is too small to hold an ABI version",
+        kvch_set_err(err, err_size, "%s: descriptor struct_size %u is too small to hold an ABI version",
                 path, (unsigned)d->struct_size);
         return KVC_E_VERSION;
     }
     if (KVC_VERSION_MAJOR(d->abi_version) != KVC_ABI_VERSION_MAJOR) {
-        set_err(err, err_size, "%s: descriptor says kvc ABI %u.%u; this host speaks %d.%d",
+        kvch_set_err(err, err_size, "%s: descriptor says kvc ABI %u.%u; this host speaks %d.%d",
                 path, (unsigned)KVC_VERSION_MAJOR(d->abi_version),
                 (unsigned)KVC_VERSION_MINOR(d->abi_version),
                 KVC_ABI_VERSION_MAJOR, KVC_ABI_VERSION_MINOR);
         return KVC_E_VERSION;
     }
     if (d->struct_size < DESC_V1_0_SIZE) {
-        set_err(err, err_size, "%s: descriptor struct_size %u is smaller than a kvc ABI 1.0 "
+        kvch_set_err(err, err_size, "%s: descriptor struct_size %u is smaller than a kvc ABI 1.0 "
                 "descriptor (%zu bytes)", path, (unsigned)d->struct_size, DESC_V1_0_SIZE);
         return KVC_E_VERSION;
     }
     const char *missing = d->id == NULL ? "id" : d->name == NULL ? "name"
                         : d->version == NULL ? "version" : NULL;
     if (missing != NULL) {
-        set_err(err, err_size, "%s: descriptor field %s is NULL", path, missing);
+        kvch_set_err(err, err_size, "%s: descriptor field %s is NULL", path, missing);
         return KVC_E_INVALID;
     }
     if (!id_ok(d->id)) {
-        set_err(err, err_size, "%s: descriptor id \"%s\" is not of [a-z0-9_-]+", path, d->id);
+        kvch_set_err(err, err_size, "%s: descriptor id \"%s\" is not of [a-z0-9_-]+", path, d->id);
         return KVC_E_INVALID;
     }
     for (size_t i = 0; i < sizeof v1_functions / sizeof v1_functions[0]; i++) {
         any_fn f;
         memcpy(&f, (const char *)d + v1_functions[i].offset, sizeof f);
         if (f == NULL) {
-            set_err(err, err_size, "%s: plugin \"%s\": function pointer %s is NULL",
+            kvch_set_err(err, err_size, "%s: plugin \"%s\": function pointer %s is NULL",
                     path, d->id, v1_functions[i].name);
             return KVC_E_INVALID;
         }
     }
     if (d->n_options > 0 && d->options == NULL) {
-        set_err(err, err_size, "%s: plugin \"%s\": n_options is %u but the option table is NULL",
+        kvch_set_err(err, err_size, "%s: plugin \"%s\": n_options is %u but the option table is NULL",
                 path, d->id, (unsigned)d->n_options);
         return KVC_E_INVALID;
     }
     for (uint32_t i = 0; i < d->n_options; i++) {
         const kvc_option_desc *o = d->options[i];
         if (o == NULL) {
-            set_err(err, err_size, "%s: plugin \"%s\": option %u of %u is NULL",
+            kvch_set_err(err, err_size, "%s: plugin \"%s\": option %u of %u is NULL",
                     path, d->id, (unsigned)i, (unsigned)d->n_options);
             return KVC_E_INVALID;
         }
         if (o->struct_size < sizeof(kvc_option_desc)) {
-            set_err(err, err_size, "%s: plugin \"%s\": option %u has struct_size %u, smaller "
+            kvch_set_err(err, err_size, "%s: plugin \"%s\": option %u has struct_size %u, smaller "
                     "than a kvc ABI 1.0 option (%zu bytes)", path, d->id, (unsigned)i,
                     (unsigned)o->struct_size, sizeof(kvc_option_desc));
             return KVC_E_VERSION;
         }
         if (o->name == NULL) {
-            set_err(err, err_size, "%s: plugin \"%s\": option %u has a NULL name",
+            kvch_set_err(err, err_size, "%s: plugin \"%s\": option %u has a NULL name",
                     path, d->id, (unsigned)i);
             return KVC_E_INVALID;
         }
         if (o->type == KVC_OPT_ENUM && o->choices == NULL) {
-            set_err(err, err_size, "%s: plugin \"%s\": enum option %s has no choices",
+            kvch_set_err(err, err_size, "%s: plugin \"%s\": enum option %s has no choices",
                     path, d->id, o->name);
             return KVC_E_INVALID;
         }
@@ -290,15 +281,15 @@ static void explain_refusal(kvc_plugin_entry_fn entry, const char *path, char *e
             len += (size_t)n;
     }
     if (len > 0)
-        set_err(err, err_size, "%s: plugin speaks kvc ABI %s; this host speaks %d.%d", path,
+        kvch_set_err(err, err_size, "%s: plugin speaks kvc ABI %s; this host speaks %d.%d", path,
                 majors, KVC_ABI_VERSION_MAJOR, KVC_ABI_VERSION_MINOR);
     else if (newer_minor)
-        set_err(err, err_size, "%s: plugin refuses kvc ABI %d.%d but accepts a newer %d.x; it "
+        kvch_set_err(err, err_size, "%s: plugin refuses kvc ABI %d.%d but accepts a newer %d.x; it "
                 "needs a newer host than this one (%d.%d)", path, KVC_ABI_VERSION_MAJOR,
                 KVC_ABI_VERSION_MINOR, KVC_ABI_VERSION_MAJOR, KVC_ABI_VERSION_MAJOR,
                 KVC_ABI_VERSION_MINOR);
     else
-        set_err(err, err_size, "%s: plugin refused every kvc ABI version asked (majors 0 to %d); "
+        kvch_set_err(err, err_size, "%s: plugin refused every kvc ABI version asked (majors 0 to %d); "
                 "this host speaks %d.%d", path, PROBE_MAJORS - 1, KVC_ABI_VERSION_MAJOR,
                 KVC_ABI_VERSION_MINOR);
 }
@@ -316,7 +307,7 @@ kvc_status kvch_load(const char *what, kvch_plugin **out, char *err, size_t err_
     if (err != NULL && err_size > 0)
         err[0] = '\0';
     if (what == NULL || what[0] == '\0' || out == NULL) {
-        set_err(err, err_size, "kvch_load: %s", out == NULL ? "out is NULL" : "no plugin named");
+        kvch_set_err(err, err_size, "kvch_load: %s", out == NULL ? "out is NULL" : "no plugin named");
         return KVC_E_INVALID;
     }
 
@@ -326,17 +317,17 @@ kvc_status kvch_load(const char *what, kvch_plugin **out, char *err, size_t err_
         struct stat sb;
         if (stat(what, &sb) != 0) {
             int e = errno;
-            set_err(err, err_size, "%s: %s", what, e == ENOENT ? "no such file" : strerror(e));
+            kvch_set_err(err, err_size, "%s: %s", what, e == ENOENT ? "no such file" : strerror(e));
             return KVC_E_INVALID;
         }
         if (S_ISDIR(sb.st_mode)) {
-            set_err(err, err_size, "%s: is a directory, not a plugin file", what);
+            kvch_set_err(err, err_size, "%s: is a directory, not a plugin file", what);
             return KVC_E_INVALID;
         }
         /* dlopen searches the library path for a name without '/'. */
         path = strchr(what, '/') ? dup_str(what) : join_path(".", what);
         if (path == NULL) {
-            set_err(err, err_size, "%s: out of memory", what);
+            kvch_set_err(err, err_size, "%s: out of memory", what);
             return KVC_E_NOMEM;
         }
     } else {
@@ -348,7 +339,7 @@ kvc_status kvch_load(const char *what, kvch_plugin **out, char *err, size_t err_
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (h == NULL) {
         const char *why = dlerror();
-        set_err(err, err_size, "%s: dlopen failed: %s", path, why ? why : "unknown reason");
+        kvch_set_err(err, err_size, "%s: dlopen failed: %s", path, why ? why : "unknown reason");
         free(path);
         return KVC_E_INVALID;
     }
@@ -356,7 +347,7 @@ kvc_status kvch_load(const char *what, kvch_plugin **out, char *err, size_t err_
     (void)dlerror();
     void *sym = dlsym(h, KVC_PLUGIN_ENTRY_SYMBOL);
     if (sym == NULL) {
-        set_err(err, err_size, "%s: not a kvc plugin: no symbol %s", path, KVC_PLUGIN_ENTRY_SYMBOL);
+        kvch_set_err(err, err_size, "%s: not a kvc plugin: no symbol %s", path, KVC_PLUGIN_ENTRY_SYMBOL);
         st = KVC_E_INVALID;
         goto fail;
     }
@@ -375,7 +366,7 @@ kvc_status kvch_load(const char *what, kvch_plugin **out, char *err, size_t err_
 
     kvch_plugin *p = malloc(sizeof *p);
     if (p == NULL) {
-        set_err(err, err_size, "%s: out of memory", path);
+        kvch_set_err(err, err_size, "%s: out of memory", path);
         st = KVC_E_NOMEM;
         goto fail;
     }

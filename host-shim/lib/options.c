@@ -3,37 +3,28 @@
  * A kvch_options starts zeroed ({0}). Each entry owns one heap copy of its
  * "name=value" text with the '=' replaced by NUL: names[i] points at the
  * copy, values[i] just past the NUL. */
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "errmsg.h"
 #include "kvch.h"
 
-static void set_err(char *err, size_t err_size, const char *fmt, ...)
-{
-    if (err == NULL || err_size == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_size, fmt, ap);
-    va_end(ap);
-}
 
 int kvch_options_add(kvch_options *o, const char *kv, char *err, size_t err_size)
 {
     if (o == NULL || kv == NULL) {
-        set_err(err, err_size, "no option given");
+        kvch_set_err(err, err_size, "no option given");
         return -1;
     }
     const char *eq = strchr(kv, '=');
     if (eq == NULL) {
-        set_err(err, err_size, "option \"%s\" has no '=' (expected name=value)", kv);
+        kvch_set_err(err, err_size, "option \"%s\" has no '=' (expected name=value)", kv);
         return -1;
     }
     size_t name_len = (size_t)(eq - kv);
     if (name_len == 0) {
-        set_err(err, err_size, "option \"%s\" has an empty name (expected name=value)", kv);
+        kvch_set_err(err, err_size, "option \"%s\" has an empty name (expected name=value)", kv);
         return -1;
     }
     uint32_t slot = o->n;
@@ -44,14 +35,14 @@ int kvch_options_add(kvch_options *o, const char *kv, char *err, size_t err_size
         }
     }
     if (slot == o->n && o->n >= KVCH_MAX_OPTIONS) {
-        set_err(err, err_size, "too many options (at most %d): cannot add \"%s\"",
+        kvch_set_err(err, err_size, "too many options (at most %d): cannot add \"%s\"",
                 KVCH_MAX_OPTIONS, kv);
         return -1;
     }
     size_t len = strlen(kv);
     char *copy = malloc(len + 1);
     if (copy == NULL) {
-        set_err(err, err_size, "out of memory adding option \"%.*s\"", (int)name_len, kv);
+        kvch_set_err(err, err_size, "out of memory adding option \"%.*s\"", (int)name_len, kv);
         return -1;
     }
     memcpy(copy, kv, len + 1);

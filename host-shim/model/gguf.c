@@ -22,6 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "errmsg.h"
 #include "gguf.h"
 #include "kvck.h"
 
@@ -80,17 +81,6 @@ typedef struct ctx {
     size_t err_size;
     kvc_status st;
 } ctx;
-
-static void set_err(char *err, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t n, const char *fmt, ...)
-{
-    if (!err || !n)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, n, fmt, ap);
-    va_end(ap);
-}
 
 static int fail(ctx *c, kvc_status st, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int fail(ctx *c, kvc_status st, const char *fmt, ...)
@@ -628,7 +618,7 @@ static kvc_status open_impl(const void *p, size_t size, void *map, kvch_gguf **o
 {
     kvch_gguf *g = calloc(1, sizeof *g);
     if (!g) {
-        set_err(err, err_size, "no memory for a GGUF reader");
+        kvch_set_err(err, err_size, "no memory for a GGUF reader");
         return KVC_E_NOMEM;
     }
     g->base = p;
@@ -648,7 +638,7 @@ kvc_status kvch_gguf_open_memory(const void *data, size_t size, kvch_gguf **out,
 {
     static const uint8_t empty[1];
     if (!out || (!data && size)) {
-        set_err(err, err_size, "kvch_gguf_open_memory: NULL %s", out ? "data" : "out");
+        kvch_set_err(err, err_size, "kvch_gguf_open_memory: NULL %s", out ? "data" : "out");
         return KVC_E_INVALID;
     }
     return open_impl(data ? data : empty, size, NULL, out, err, err_size);
@@ -657,29 +647,29 @@ kvc_status kvch_gguf_open_memory(const void *data, size_t size, kvch_gguf **out,
 kvc_status kvch_gguf_open(const char *path, kvch_gguf **out, char *err, size_t err_size)
 {
     if (!path || !out) {
-        set_err(err, err_size, "kvch_gguf_open: NULL %s", path ? "out" : "path");
+        kvch_set_err(err, err_size, "kvch_gguf_open: NULL %s", path ? "out" : "path");
         return KVC_E_INVALID;
     }
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
-        set_err(err, err_size, "%s: cannot open: %s", path, strerror(e));
+        kvch_set_err(err, err_size, "%s: cannot open: %s", path, strerror(e));
         return KVC_E_INVALID;
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
-        set_err(err, err_size, "%s: fstat failed: %s", path, strerror(e));
+        kvch_set_err(err, err_size, "%s: fstat failed: %s", path, strerror(e));
         close(fd);
         return KVC_E_INTERNAL;
     }
     if (!S_ISREG(st.st_mode)) {
-        set_err(err, err_size, "%s: not a regular file", path);
+        kvch_set_err(err, err_size, "%s: not a regular file", path);
         close(fd);
         return KVC_E_INVALID;
     }
     if ((uint64_t)st.st_size > SIZE_MAX) {
-        set_err(err, err_size, "%s: %lld bytes do not fit in the address space", path,
+        kvch_set_err(err, err_size, "%s: %lld bytes do not fit in the address space", path,
                 (long long)st.st_size);
         close(fd);
         return KVC_E_UNSUPPORTED;
@@ -690,7 +680,7 @@ kvc_status kvch_gguf_open(const char *path, kvch_gguf **out, char *err, size_t e
         map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map == MAP_FAILED) {
             int e = errno;
-            set_err(err, err_size, "%s: mmap of %zu bytes failed: %s", path, size, strerror(e));
+            kvch_set_err(err, err_size, "%s: mmap of %zu bytes failed: %s", path, size, strerror(e));
             close(fd);
             return e == ENOMEM ? KVC_E_NOMEM : KVC_E_INTERNAL;
         }
@@ -703,7 +693,7 @@ kvc_status kvch_gguf_open(const char *path, kvch_gguf **out, char *err, size_t e
     if (s != KVC_OK) {
         if (map)
             munmap(map, size);
-        set_err(err, err_size, "%s: %s", path, msg);
+        kvch_set_err(err, err_size, "%s: %s", path, msg);
     }
     return s;
 }
@@ -886,17 +876,17 @@ const kvch_gguf_tensor *kvch_gguf_tensor_by_name(const kvch_gguf *g, const char 
 int kvch_gguf_dequantize(const kvch_gguf_tensor *t, float *dst, char *err, size_t err_size)
 {
     if (!t || !dst) {
-        set_err(err, err_size, "kvch_gguf_dequantize: NULL %s", t ? "destination" : "tensor");
+        kvch_set_err(err, err_size, "kvch_gguf_dequantize: NULL %s", t ? "destination" : "tensor");
         return -1;
     }
     if (!kvck_ggml_can_dequantize(t->type)) {
-        set_err(err, err_size, "tensor '%s': type %s (%u) has no dequantizer", t->name,
+        kvch_set_err(err, err_size, "tensor '%s': type %s (%u) has no dequantizer", t->name,
                 kvck_ggml_type_name(t->type), t->type);
         return -1;
     }
     if (t->n_elements > SIZE_MAX ||
         kvck_dequantize(t->type, t->data, dst, (size_t)t->n_elements) != 0) {
-        set_err(err, err_size, "tensor '%s': dequantizing %llu elements of type %s failed",
+        kvch_set_err(err, err_size, "tensor '%s': dequantizing %llu elements of type %s failed",
                 t->name, (unsigned long long)t->n_elements, kvck_ggml_type_name(t->type));
         return -1;
     }

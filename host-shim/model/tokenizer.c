@@ -19,9 +19,9 @@
  * Inside, BPE works on token ids, not strings: every merge's two sides are
  * checked to be tokens at load time, so a merge is a pair of ids -> (rank,
  * id of the merged text or -1), found in one open-addressing hash. */
+#include "errmsg.h"
 #include "tokenizer.h"
 
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,15 +132,6 @@ static int grow(void *pp, size_t *cap, size_t need, size_t size)
     return 0;
 }
 
-static void set_err(char *err, size_t err_size, const char *fmt, ...)
-{
-    if (err == NULL || err_size == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_size, fmt, ap);
-    va_end(ap);
-}
 
 /* ---- hashing ----------------------------------------------------------- */
 
@@ -248,11 +239,11 @@ static kvc_status load_tokens(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
     int et;
     uint64_t n;
     if (kvch_gguf_get_arr(g, KEY_TOKENS, &et, &n) != 0 || et != KVCH_GGUF_STRING || n == 0) {
-        set_err(err, err_size, "%s is missing, empty or not a string array", KEY_TOKENS);
+        kvch_set_err(err, err_size, "%s is missing, empty or not a string array", KEY_TOKENS);
         return KVC_E_CORRUPT;
     }
     if (n > INT32_MAX) {
-        set_err(err, err_size, "%s has %llu tokens (at most %d)", KEY_TOKENS,
+        kvch_set_err(err, err_size, "%s has %llu tokens (at most %d)", KEY_TOKENS,
                 (unsigned long long)n, INT32_MAX);
         return KVC_E_UNSUPPORTED;
     }
@@ -261,13 +252,13 @@ static kvc_status load_tokens(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
     for (uint64_t i = 0; i < n; i++) {
         size_t len;
         if (kvch_gguf_arr_str(g, KEY_TOKENS, i, &len) == NULL) {
-            set_err(err, err_size, "%s[%llu] cannot be read", KEY_TOKENS, (unsigned long long)i);
+            kvch_set_err(err, err_size, "%s[%llu] cannot be read", KEY_TOKENS, (unsigned long long)i);
             return KVC_E_CORRUPT;
         }
         total += len + 1;
     }
     if (total > UINT32_MAX) {
-        set_err(err, err_size, "%s holds %llu bytes of text (at most 4 GiB)", KEY_TOKENS,
+        kvch_set_err(err, err_size, "%s holds %llu bytes of text (at most 4 GiB)", KEY_TOKENS,
                 (unsigned long long)total);
         return KVC_E_UNSUPPORTED;
     }
@@ -283,7 +274,7 @@ static kvc_status load_tokens(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
     t->pmap.slot = tmalloc((size_t)slots * sizeof *t->pmap.slot);
     if (!t->text || !t->piece || !t->text_off || !t->piece_off || !t->memo || !t->type ||
         !t->flags || !t->tmap.slot || !t->pmap.slot) {
-        set_err(err, err_size, "out of memory for a vocabulary of %llu tokens",
+        kvch_set_err(err, err_size, "out of memory for a vocabulary of %llu tokens",
                 (unsigned long long)n);
         return KVC_E_NOMEM;
     }
@@ -296,7 +287,7 @@ static kvc_status load_tokens(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
     uint64_t n_types = 0;
     int have_types = kvch_gguf_get_arr(g, KEY_TYPES, &et, &n_types) == 0;
     if (have_types && n_types < n) {
-        set_err(err, err_size, "%s has %llu entries for %llu tokens", KEY_TYPES,
+        kvch_set_err(err, err_size, "%s has %llu entries for %llu tokens", KEY_TYPES,
                 (unsigned long long)n_types, (unsigned long long)n);
         return KVC_E_CORRUPT;
     }
@@ -311,7 +302,7 @@ static kvc_status load_tokens(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
         off += (uint32_t)len + 1;
         int64_t ty = TT_NORMAL; /* llama.cpp: no token_type array, all normal */
         if (have_types && kvch_gguf_arr_i64(g, KEY_TYPES, i, &ty) != 0) {
-            set_err(err, err_size, "%s[%llu] is not an integer", KEY_TYPES,
+            kvch_set_err(err, err_size, "%s[%llu] is not an integer", KEY_TYPES,
                     (unsigned long long)i);
             return KVC_E_CORRUPT;
         }
@@ -324,7 +315,7 @@ static kvc_status load_tokens(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
         size_t len = t->text_off[i + 1] - t->text_off[i] - 1;
         int32_t dup = lookup_text(t, s, len);
         if (dup >= 0) {
-            set_err(err, err_size, "%s: \"%.*s\" is both token %d and token %llu", KEY_TOKENS,
+            kvch_set_err(err, err_size, "%s: \"%.*s\" is both token %d and token %llu", KEY_TOKENS,
                     (int)len, s, dup, (unsigned long long)i);
             return KVC_E_CORRUPT;
         }
@@ -338,18 +329,18 @@ static kvc_status load_merges(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
     int et;
     uint64_t n;
     if (kvch_gguf_get_arr(g, KEY_MERGES, &et, &n) != 0 || et != KVCH_GGUF_STRING) {
-        set_err(err, err_size, "%s is missing or not a string array", KEY_MERGES);
+        kvch_set_err(err, err_size, "%s is missing or not a string array", KEY_MERGES);
         return KVC_E_CORRUPT;
     }
     if (n > INT32_MAX) {
-        set_err(err, err_size, "%s has %llu entries (at most %d)", KEY_MERGES,
+        kvch_set_err(err, err_size, "%s has %llu entries (at most %d)", KEY_MERGES,
                 (unsigned long long)n, INT32_MAX);
         return KVC_E_UNSUPPORTED;
     }
     uint32_t slots = pow2_at_least(2 * n);
     t->mmap = tmalloc((size_t)slots * sizeof *t->mmap);
     if (t->mmap == NULL) {
-        set_err(err, err_size, "out of memory for %llu merges", (unsigned long long)n);
+        kvch_set_err(err, err_size, "out of memory for %llu merges", (unsigned long long)n);
         return KVC_E_NOMEM;
     }
     for (uint32_t i = 0; i < slots; i++)
@@ -365,7 +356,7 @@ static kvc_status load_merges(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
         /* Split at the first space after the first byte, as llama.cpp does. */
         const char *sp = m && len > 1 ? memchr(m + 1, ' ', len - 1) : NULL;
         if (sp == NULL) {
-            set_err(err, err_size, "%s[%llu] (\"%.*s\") is not \"left right\"", KEY_MERGES,
+            kvch_set_err(err, err_size, "%s[%llu] (\"%.*s\") is not \"left right\"", KEY_MERGES,
                     (unsigned long long)i, m ? (int)len : 0, m ? m : "");
             st = KVC_E_CORRUPT;
             break;
@@ -373,14 +364,14 @@ static kvc_status load_merges(kvch_tokenizer *t, const kvch_gguf *g, char *err, 
         size_t la = (size_t)(sp - m), lb = len - la - 1;
         int32_t a = lookup_text(t, m, la), b = lookup_text(t, sp + 1, lb);
         if (a < 0 || b < 0) {
-            set_err(err, err_size, "%s[%llu] (\"%.*s\") names an unknown token \"%.*s\"",
+            kvch_set_err(err, err_size, "%s[%llu] (\"%.*s\") names an unknown token \"%.*s\"",
                     KEY_MERGES, (unsigned long long)i, (int)len, m, (int)(a < 0 ? la : lb),
                     a < 0 ? m : sp + 1);
             st = KVC_E_CORRUPT;
             break;
         }
         if (grow(&buf, &buf_cap, la + lb, 1) != 0) {
-            set_err(err, err_size, "out of memory reading %s", KEY_MERGES);
+            kvch_set_err(err, err_size, "out of memory reading %s", KEY_MERGES);
             st = KVC_E_NOMEM;
             break;
         }
@@ -495,7 +486,7 @@ static kvc_status build_special(kvch_tokenizer *t, char *err, size_t err_size)
              t->type[id] == TT_UNKNOWN;
     t->special = tmalloc((size_t)n * sizeof *t->special);
     if (t->special == NULL) {
-        set_err(err, err_size, "out of memory for %u special tokens", n);
+        kvch_set_err(err, err_size, "out of memory for %u special tokens", n);
         return KVC_E_NOMEM;
     }
     for (int32_t id = 0; id < t->n_vocab; id++) {
@@ -520,17 +511,17 @@ kvc_status kvch_tok_from_gguf(const kvch_gguf *g, kvch_tokenizer **out, char *er
                               size_t err_size)
 {
     if (g == NULL || out == NULL) {
-        set_err(err, err_size, "kvch_tok_from_gguf: NULL argument");
+        kvch_set_err(err, err_size, "kvch_tok_from_gguf: NULL argument");
         return KVC_E_INVALID;
     }
     size_t len;
     const char *model = kvch_gguf_get_str(g, KEY_MODEL, &len);
     if (model == NULL) {
-        set_err(err, err_size, "%s is missing: the file carries no tokenizer", KEY_MODEL);
+        kvch_set_err(err, err_size, "%s is missing: the file carries no tokenizer", KEY_MODEL);
         return KVC_E_UNSUPPORTED;
     }
     if (len != 4 || memcmp(model, "gpt2", 4) != 0) {
-        set_err(err, err_size,
+        kvch_set_err(err, err_size,
                 "%s is \"%.*s\": only \"gpt2\" (byte-level BPE) is supported%s", KEY_MODEL,
                 (int)len, model,
                 len == 5 && memcmp(model, "llama", 5) == 0 ? ", not SentencePiece" : "");
@@ -544,7 +535,7 @@ kvc_status kvch_tok_from_gguf(const kvch_gguf *g, kvch_tokenizer **out, char *er
     }
     kvch_tokenizer *t = tmalloc(sizeof *t);
     if (t == NULL) {
-        set_err(err, err_size, "out of memory for the tokenizer");
+        kvch_set_err(err, err_size, "out of memory for the tokenizer");
         return KVC_E_NOMEM;
     }
     memset(t, 0, sizeof *t);

@@ -3,12 +3,12 @@
  *
  * The byte map is computed in closed form rather than from a table built at
  * first use: nothing to initialise, so nothing to race on. */
+#include "errmsg.h"
 #include "unicode.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -183,15 +183,6 @@ struct kvch_pretok {
     void *(*alloc)(size_t);
 };
 
-static void set_err(char *err, size_t err_size, const char *fmt, ...)
-{
-    if (err == NULL || err_size == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_size, fmt, ap);
-    va_end(ap);
-}
 
 static const pre_kind *find_pre(const char *name, size_t len)
 {
@@ -289,7 +280,7 @@ kvc_status kvch_pretok_create(const char *name, size_t len, void *(*alloc)(size_
 {
     const pre_kind *pk = find_pre(name, len);
     if (pk == NULL) {
-        set_err(err, err_size, "tokenizer.ggml.pre \"%.*s\" is not a known pre-tokenizer",
+        kvch_set_err(err, err_size, "tokenizer.ggml.pre \"%.*s\" is not a known pre-tokenizer",
                 (int)len, name);
         return KVC_E_UNSUPPORTED;
     }
@@ -297,7 +288,7 @@ kvc_status kvch_pretok_create(const char *name, size_t len, void *(*alloc)(size_
         alloc = plain_malloc;
     kvch_pretok *p = alloc(sizeof *p);
     if (p == NULL) {
-        set_err(err, err_size, "out of memory compiling the pre-tokenizer");
+        kvch_set_err(err, err_size, "out of memory compiling the pre-tokenizer");
         return KVC_E_NOMEM;
     }
     memset(p, 0, sizeof *p);
@@ -306,11 +297,11 @@ kvc_status kvch_pretok_create(const char *name, size_t len, void *(*alloc)(size_
     pcre2_compile_context *cctx = p->gctx ? pcre2_compile_context_create(p->gctx) : NULL;
     kvc_status st = cctx ? KVC_OK : KVC_E_NOMEM;
     if (st != KVC_OK)
-        set_err(err, err_size, "out of memory compiling the pre-tokenizer");
+        kvch_set_err(err, err_size, "out of memory compiling the pre-tokenizer");
     for (int i = 0; i < MAX_REGEX && pk->re[i] && st == KVC_OK; i++) {
         char *pat = rewrite_ws(pk->re[i], alloc);
         if (pat == NULL) {
-            set_err(err, err_size, "out of memory compiling the pre-tokenizer");
+            kvch_set_err(err, err_size, "out of memory compiling the pre-tokenizer");
             st = KVC_E_NOMEM;
             break;
         }
@@ -323,7 +314,7 @@ kvc_status kvch_pretok_create(const char *name, size_t len, void *(*alloc)(size_
         if (p->re[i] == NULL) {
             PCRE2_UCHAR msg[160];
             pcre2_get_error_message(ec, msg, sizeof msg);
-            set_err(err, err_size, "pre-tokenizer regex %d (%s) does not compile: %s at %zu",
+            kvch_set_err(err, err_size, "pre-tokenizer regex %d (%s) does not compile: %s at %zu",
                     i, pk->re[i], (const char *)msg, (size_t)eo);
             st = ec == PCRE2_ERROR_HEAP_FAILED ? KVC_E_NOMEM : KVC_E_INTERNAL;
             break;
