@@ -2,7 +2,8 @@
 # The main job: set up (packages, the SmolLM2 model), build, list the
 # plugins, then run the real model with its attention through the exact
 # `full` plugin: perplexity on GPL-3 beside the built-in exact path, the
-# same with fp16 storage, and a chat answer.
+# same with fp16 storage, and a chat answer; last, the conformance table
+# of every bundled plugin.
 set -euo pipefail
 here=$(dirname "$0")
 bash "$here/setup.sh"
@@ -17,3 +18,8 @@ run demo --plugin full --prompt 256 --decode 16
 run ppl --plugin full --vs-exact
 run ppl --plugin full --opt dtype=fp16
 run generate --plugin full --chat --prompt "What is the capital of France, and what is it famous for?" -n 96
+# The conformance table of every bundled plugin (quick profile).
+for so in "$KVC_BUILD"/plugins/*/kvc-*.so; do
+  echo; echo "\$ kvc-conform $so"
+  "$KVC_BUILD/conformance/kvc-conform" "$so" --profile quick
+done

@@ -30,3 +30,6 @@ tsan=$KVC_ROOT/build-tsan
 ninja -C "$tsan" >/dev/null
 TSAN_OPTIONS=halt_on_error=1 CK_RUN_CASE=semantics meson test -C "$tsan" --print-errorlogs full
 TSAN_OPTIONS=halt_on_error=1 meson test -C "$tsan" --print-errorlogs tracker
+# kvc-conform's threads test: distinct sequences on distinct threads.
+TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" "$tsan/plugins/full/kvc-full.so" \
+  --only semantics/threads
