@@ -33,6 +33,9 @@ typedef struct kc_run {
     int profile;             /* KC_QUICK or KC_FULL */
     uint64_t seed;           /* printed; --seed replays */
     const char *side_path;   /* file the children append their reports to */
+    int max_hangs;           /* --max-hangs: after this many hung tests the rest
+                              * are skipped (each hang costs its whole limit); 0 = never */
+    int hangs;               /* hung tests so far (the parent counts; children read) */
 } kc_run;
 
 /* Set by main before the tests run; children inherit it through fork. */

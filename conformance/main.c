@@ -195,6 +195,7 @@ static void classify(size_t i, TestResult *tr)
     default: /* CK_ERROR */
         if (strstr(msg, "timeout") != NULL) {
             r->kind = R_FAILED;
+            KC.hangs++;
             r->reason = r->where ? xprintf("hung: no result after %g s (last check passed: %s)",
                                            limit, r->where)
                                  : xprintf("hung: no result after %g s", limit);
@@ -507,6 +508,8 @@ static void usage(FILE *f)
           "  --junit FILE         write JUnit XML\n"
           "  --json FILE          write JSON\n"
           "  --only GROUP[/TEST]  run one group or one test\n"
+          "  --max-hangs N        after N hung tests skip the rest, saying why (default 2;\n"
+          "                       0 = run everything whatever it costs)\n"
           "  --list               list the tests and exit\n"
           "  --help, --version\n\n"
           "Exit status: 0 nothing failed or crashed, 1 something did, 2 usage error.\n", f);
@@ -553,6 +556,7 @@ int main(int argc, char **argv)
         {"junit", required_argument, 0, 'j'},   {"json", required_argument, 0, 'J'},
         {"only", required_argument, 0, 'O'},    {"list", no_argument, 0, 'l'},
         {"help", no_argument, 0, 'h'},          {"version", no_argument, 0, 'V'},
+        {"max-hangs", required_argument, 0, 'H'},
         {0, 0, 0, 0},
     };
     const char *junit = NULL, *json = NULL;
@@ -561,6 +565,7 @@ int main(int argc, char **argv)
     KC.text = "/usr/share/common-licenses/GPL-3";
     KC.device = KVC_MEM_HOST;
     KC.profile = KC_QUICK;
+    KC.max_hangs = 2;
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":h", longs, NULL)) != -1) {
         switch (c) {
@@ -594,6 +599,14 @@ int main(int argc, char **argv)
                 return usage_error("--seed wants a non-negative integer, not '%s'", optarg);
             KC.seed = v;
             seeded = 1;
+            break;
+        }
+        case 'H': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (end == optarg || *end || v < 0 || v > 1000)
+                return usage_error("--max-hangs wants a count in [0, 1000], not '%s'", optarg);
+            KC.max_hangs = (int)v;
             break;
         }
         case 'j': junit = optarg; break;
