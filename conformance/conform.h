@@ -67,6 +67,7 @@ void kc_add(Suite *s, const char *group, const char *name, const TTest *fn, doub
 
 /* Each group file registers its tests. */
 void kc_group_abi(Suite *s);
+void kc_abi_exports(Suite *s); /* abi/only_export, called by kc_group_abi in order */
 void kc_group_lifecycle(Suite *s);
 void kc_group_badinput(Suite *s);
 void kc_group_semantics(Suite *s);
