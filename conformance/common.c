@@ -759,3 +759,33 @@ void kc_guard_free(float *p)
     if (p != NULL)
         free(p - KC_GUARD_FLOATS);
 }
+
+/* ---- what a configuration is ---------------------------------------------------------- */
+
+void kc_need_host_data(void)
+{
+    if (KC.device != KVC_MEM_HOST)
+        kc_skip("feeds host tensors: run with --device cpu");
+}
+
+int kc_config_lossless(const kvc_plugin *p)
+{
+    if (!(p->caps & KVC_CAP_EXACT))
+        return 0;
+    for (uint32_t i = 0; i < KC.opts.n; i++) {
+        const kvc_option_desc *d = NULL;
+        for (uint32_t j = 0; j < p->n_options; j++)
+            if (p->options[j] && p->options[j]->name &&
+                strcmp(p->options[j]->name, KC.opts.names[i]) == 0)
+                d = p->options[j];
+        if (!d || !d->default_value)
+            return 0;
+        if (strcmp(d->default_value, KC.opts.values[i]) == 0)
+            continue;
+        char *e1, *e2;
+        double a = strtod(d->default_value, &e1), b = strtod(KC.opts.values[i], &e2);
+        if (e1 == d->default_value || *e1 || e2 == KC.opts.values[i] || *e2 || a != b)
+            return 0;
+    }
+    return 1;
+}

@@ -121,6 +121,16 @@ kvc_status kc_create(kc_env *e, const kvc_geometry *g, const char *const *extra,
  * model uses the real preparation feed), then finalize(). */
 kvc_instance *kc_create_ready(kc_env *e, const kvc_geometry *g, const char *const *extra);
 
+/* Tests that feed tensors pass host pointers (kvc_create_info.device
+ * picks where tensors live): with --device cuda they skip, saying so,
+ * rather than hand host pointers to a device plugin. */
+void kc_need_host_data(void);
+
+/* 1 when the configuration under test is lossless: the plugin declares
+ * KVC_CAP_EXACT ("lossless at default options") and every --opt given
+ * equals that option's default (numbers compared as numbers). */
+int kc_config_lossless(const kvc_plugin *p);
+
 /* ---- data ---------------------------------------------------------------------------- */
 
 /* Deterministic pseudo-random stream (splitmix64), seeded from KC.seed

@@ -59,40 +59,6 @@ static const double LADDER[] = {0.0625, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3
 
 /* ---- helpers ------------------------------------------------------------------------ */
 
-/* The configuration under test is lossless when the plugin declares
- * KVC_CAP_EXACT ("lossless at default options") and every --opt given
- * equals that option's default (numbers compared as numbers). */
-static int config_lossless(const kvc_plugin *p)
-{
-    if (!(p->caps & KVC_CAP_EXACT))
-        return 0;
-    for (uint32_t i = 0; i < KC.opts.n; i++) {
-        const kvc_option_desc *d = NULL;
-        for (uint32_t j = 0; j < p->n_options; j++)
-            if (p->options[j] && p->options[j]->name &&
-                strcmp(p->options[j]->name, KC.opts.names[i]) == 0)
-                d = p->options[j];
-        if (!d || !d->default_value)
-            return 0;
-        if (strcmp(d->default_value, KC.opts.values[i]) == 0)
-            continue;
-        char *e1, *e2;
-        double a = strtod(d->default_value, &e1), b = strtod(KC.opts.values[i], &e2);
-        if (e1 == d->default_value || *e1 || e2 == KC.opts.values[i] || *e2 || a != b)
-            return 0;
-    }
-    return 1;
-}
-
-/* Every test here feeds host tensors (kvc_create_info.device picks where
- * tensors live): with --device cuda they skip rather than hand host
- * pointers to a device plugin. */
-static void need_host_data(void)
-{
-    if (KC.device != KVC_MEM_HOST)
-        kc_skip("feeds host tensors: run with --device cpu");
-}
-
 static size_t q_row(const kvc_geometry *g)
 {
     return (size_t)g->n_heads * g->head_dim;
@@ -249,7 +215,7 @@ static kvc_geometry shape_geometry(const shape *sh)
 
 START_TEST(lossless_exact)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     /* The rule: a plugin's lossless setting is its default options when it
@@ -321,7 +287,7 @@ END_TEST
 
 START_TEST(error_vs_budget)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     const kvc_option_desc *opt = NULL;
@@ -491,7 +457,7 @@ static kvc_status capture_hook(void *user, uint32_t layer, uint32_t n, const int
 
 START_TEST(model_layers)
 {
-    need_host_data();
+    kc_need_host_data();
     real r;
     real_open(&r);
     kc_env e;
@@ -524,7 +490,7 @@ START_TEST(model_layers)
     /* 2. Per layer, the same Q/K/V (no compounding of earlier layers'
      * errors) through the plugin and through float64 exact attention. */
     kvc_instance *inst = create_for_model(&e, &r);
-    const int lossless = config_lossless(e.p);
+    const int lossless = kc_config_lossless(e.p);
     const double tol = lossless ? EXACT_TOL : LAYER_TOL_LOSSY[prof];
     kvc_seq *s = NULL;
     st = e.p->seq_open(inst, &s);
@@ -577,7 +543,7 @@ END_TEST
 
 START_TEST(model_perplexity)
 {
-    need_host_data();
+    kc_need_host_data();
     real r;
     real_open(&r);
     kc_env e;
@@ -608,7 +574,7 @@ START_TEST(model_perplexity)
     ck_assert_msg(st == KVC_OK, "perplexity through the exact store: %s", err);
     ck_assert_msg(isfinite(rp.ppl) && rp.ppl > 1, "perplexity through the plugin is %g", rp.ppl);
 
-    const int lossless = config_lossless(e.p);
+    const int lossless = kc_config_lossless(e.p);
     double rel = (rp.ppl - rx.ppl) / rx.ppl;
     kc_figure("ppl %.2f vs exact %.2f (%+.2f%%), %u x %u tokens, %.3f of fp16", rp.ppl, rx.ppl,
               rel * 100, chunks, n_ctx, rp.kv_bytes_per_token / rp.fp16_bytes_per_token);

@@ -22,13 +22,6 @@
 
 /* ---- helpers ---------------------------------------------------------------------- */
 
-/* Tests here feed host tensors. */
-static void need_host_data(void)
-{
-    if (KC.device != KVC_MEM_HOST)
-        kc_skip("feeds host tensors: run with --device cpu");
-}
-
 static kvch_tracker_stats tracker(const kc_env *e)
 {
     kvch_tracker_stats st;
@@ -85,7 +78,7 @@ static const float *query(const kvc_geometry *g, const kc_tokens *t, uint32_t i)
 
 START_TEST(create_destroy)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -122,7 +115,7 @@ END_TEST
 
 START_TEST(many_sequences)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -406,7 +399,7 @@ static void compare_runs(const afrun *clean, const afrun *r)
 
 START_TEST(alloc_failure)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -552,7 +545,7 @@ static void workload(kc_env *e, const kvc_geometry *g, const kc_tokens *t, float
 
 START_TEST(host_allocator_only)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -622,7 +615,7 @@ END_TEST
 
 START_TEST(logger_optional)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     e.host.log = NULL; /* kvc.h: "may be NULL (no logging)" */

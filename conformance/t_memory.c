@@ -28,15 +28,6 @@ static const double LADDER[] = {0.0625, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-/* Every test here feeds host tensors (kvc_create_info.device picks where
- * tensors live): with --device cuda they skip rather than hand host
- * pointers to a device plugin. */
-static void need_host_data(void)
-{
-    if (KC.device != KVC_MEM_HOST)
-        kc_skip("feeds host tensors: run with --device cpu");
-}
-
 static kvc_seq_stats seq_stats(const kc_env *e, const kvc_seq *s)
 {
     kvc_seq_stats st;
@@ -214,7 +205,7 @@ static budget_run run_budget(kc_env *e, kvc_instance *inst, const kvc_geometry *
 
 START_TEST(budget)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -331,7 +322,7 @@ static void reconcile(ledger *L, const char *what)
 
 START_TEST(reported_vs_allocated)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -420,7 +411,7 @@ END_TEST
 
 START_TEST(bytes_per_token)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     /* SmolLM2's head shape; 2 of its 30 layers: per-token cost is per
@@ -586,7 +577,7 @@ static int stats_walk(kc_env *e, const kvc_geometry *g, const char *label)
 
 START_TEST(stats_consistency)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();

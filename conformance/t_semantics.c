@@ -37,43 +37,9 @@
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-/* The configuration under test is lossless when the plugin declares
- * KVC_CAP_EXACT ("lossless at default options") and every --opt given
- * equals that option's default (numbers compared as numbers). */
-static int config_lossless(const kvc_plugin *p)
-{
-    if (!(p->caps & KVC_CAP_EXACT))
-        return 0;
-    for (uint32_t i = 0; i < KC.opts.n; i++) {
-        const kvc_option_desc *d = NULL;
-        for (uint32_t j = 0; j < p->n_options; j++)
-            if (p->options[j] && p->options[j]->name &&
-                strcmp(p->options[j]->name, KC.opts.names[i]) == 0)
-                d = p->options[j];
-        if (!d || !d->default_value)
-            return 0;
-        if (strcmp(d->default_value, KC.opts.values[i]) == 0)
-            continue;
-        char *e1, *e2;
-        double a = strtod(d->default_value, &e1), b = strtod(KC.opts.values[i], &e2);
-        if (e1 == d->default_value || *e1 || e2 == KC.opts.values[i] || *e2 || a != b)
-            return 0;
-    }
-    return 1;
-}
-
-/* Every test here feeds host tensors (kvc_create_info.device picks where
- * tensors live): with --device cuda they skip rather than hand host
- * pointers to a device plugin. */
-static void need_host_data(void)
-{
-    if (KC.device != KVC_MEM_HOST)
-        kc_skip("feeds host tensors: run with --device cpu");
-}
-
 static double tolerance(const kvc_plugin *p)
 {
-    return config_lossless(p) ? TOL_LOSSLESS : TOL_LOSSY;
+    return kc_config_lossless(p) ? TOL_LOSSLESS : TOL_LOSSY;
 }
 
 /* ||a - b|| / ||b|| over n floats (absolute when b is zero; infinite
@@ -296,7 +262,7 @@ static uint32_t profile_tokens(uint32_t quick, uint32_t full)
 
 START_TEST(determinism)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -364,7 +330,7 @@ static double step_rule_on(kc_env *e, const kvc_geometry *g, uint32_t n, uint64_
 
 START_TEST(step_rule)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     const double tol = tolerance(e.p);
@@ -449,7 +415,7 @@ static void truncate_exact(kc_env *e, kvc_instance *inst, kvc_seq *a, wl *second
 
 START_TEST(truncate_reappend)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -492,7 +458,7 @@ END_TEST
 
 START_TEST(fork_independent)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     need_cap(&e, KVC_CAP_FORK, "KVC_CAP_FORK");
@@ -590,7 +556,7 @@ static void stats_equal(const kvc_seq_stats *a, const kvc_seq_stats *b, const ch
 
 START_TEST(export_import)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     need_cap(&e, KVC_CAP_EXPORT, "KVC_CAP_EXPORT");
@@ -703,7 +669,7 @@ static void *thread_main(void *arg)
 
 START_TEST(threads)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     kvc_geometry g = kc_geometry_small();
@@ -766,13 +732,13 @@ static long find_pos(const int32_t *pos, uint32_t n, int32_t p)
 
 START_TEST(materialize)
 {
-    need_host_data();
+    kc_need_host_data();
     kc_env e;
     kc_load(&e);
     need_cap(&e, KVC_CAP_MATERIALIZE, "KVC_CAP_MATERIALIZE");
     kvc_geometry g = kc_geometry_small();
     kvc_instance *inst = kc_create_ready(&e, &g, NULL);
-    const int lossless = config_lossless(e.p);
+    const int lossless = kc_config_lossless(e.p);
     const uint32_t n = 300, H = g.n_kv_heads, d = g.head_dim;
     wl w;
     wl_make(&w, &g, n, 5, 71, 29);
