@@ -49,6 +49,7 @@ static int visible(int32_t kp, int32_t qp, uint32_t window)
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(KVCK_GENERIC_ONLY)
 #define KVCK_ATTN_AVX2 1
 #include <cpuid.h>
+#include "cpufeat.h"
 #include <immintrin.h>
 
 /* AVX2 and FMA usable (CPU flags plus OS-saved YMM state). Cached; racing
@@ -57,21 +58,8 @@ static int have_avx2_fma(void)
 {
     static _Atomic int cached = -1;
     int c = cached;
-    if (c >= 0)
-        return c;
-    c = 0;
-    {
-        unsigned a, b, cx, d;
-        if (__get_cpuid(1, &a, &b, &cx, &d) && (cx & bit_OSXSAVE) && (cx & bit_AVX)
-            && (cx & bit_FMA)) {
-            uint32_t lo, hi;
-            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-            (void)hi;
-            if ((lo & 6u) == 6u && __get_cpuid_count(7, 0, &a, &b, &cx, &d) && (b & bit_AVX2))
-                c = 1;
-        }
-    }
-    cached = c;
+    if (c < 0)
+        cached = c = kvck_x86_has(bit_FMA, bit_AVX2);
     return c;
 }
 

@@ -16,6 +16,7 @@
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(KVCK_GENERIC_ONLY)
 #define KVCK_HAVE_F16C_PATH 1
 #include <cpuid.h>
+#include "cpufeat.h"
 #include <immintrin.h>
 #endif
 
@@ -102,20 +103,8 @@ static int have_f16c(void)
 {
     static _Atomic int cached = -1;
     int c = cached;
-    if (c >= 0)
-        return c;
-    c = 0;
-    {
-        unsigned a, b, cx, d;
-        if (__get_cpuid(1, &a, &b, &cx, &d) && (cx & bit_F16C) && (cx & bit_OSXSAVE)
-            && (cx & bit_AVX)) {
-            uint32_t lo, hi;
-            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-            (void)hi;
-            c = (lo & 6u) == 6u;
-        }
-    }
-    cached = c;
+    if (c < 0)
+        cached = c = kvck_x86_has(bit_F16C, 0);
     return c;
 }
 
