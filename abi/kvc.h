@@ -1,5 +1,5 @@
 /*
- * kvc.h -- the kvc plugin ABI, version 1.0.
+ * kvc.h -- the kvc plugin ABI, version 1.1.
  *
  * A KV-cache compressor is a shared object exporting one symbol,
  * kvc_plugin_entry(). A host (an inference server) dlopen()s it, calls the
@@ -77,7 +77,7 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define KVC_ABI_VERSION_MAJOR 1
-#define KVC_ABI_VERSION_MINOR 0
+#define KVC_ABI_VERSION_MINOR 1
 #define KVC_MAKE_VERSION(major, minor) \
     ((uint32_t)(((uint32_t)(major) << 16) | ((uint32_t)(minor) & 0xffffu)))
 #define KVC_VERSION_MAJOR(v) ((uint32_t)(v) >> 16)
@@ -300,12 +300,18 @@ typedef struct kvc_layer_weights {
 
 /* A chunk of calibration activations for one layer: the rows that feed the
  * K/V projections (the attention input after its norm), with their
- * positions. Valid only during the call. */
+ * positions. Valid only during the call. A 1.0 host fills up to
+ * `positions` (struct_size 24); read x_ref only when
+ * KVC_HAS_FIELD(chunk, kvc_calib_chunk, x_ref) and it is non-NULL. */
 typedef struct kvc_calib_chunk {
-    uint32_t struct_size;     /* sizeof(kvc_calib_chunk) */
+    uint32_t struct_size;     /* sizeof(kvc_calib_chunk) as the host knows it */
     uint32_t n_rows;          /* tokens in this chunk, > 0 */
     const float *x;           /* [n_rows][hidden_size] */
     const int32_t *positions; /* [n_rows] */
+    /* --- ABI 1.1 --- */
+    const float *x_ref; /* [n_rows][hidden_size]: the same tokens' rows in the uncompressed
+                         * model when the host calibrates through layers already finalized
+                         * (x then comes from the compressed model); NULL otherwise. ABI 1.1. */
 } kvc_calib_chunk;
 
 /* ------------------------------------------------------------------------ */
@@ -405,15 +411,33 @@ typedef struct kvc_plugin {
      * calibration activations; either may be NULL if the plugin does not
      * need it. May be called many times per layer (chunks stream). Pointers
      * are read only during the call. Errors: INVALID, STATE (already
-     * finalized or created from an artifact), NOMEM, UNSUPPORTED. */
+     * finalized or created from an artifact), NOMEM, UNSUPPORTED.
+     *
+     * A host feeds in one of two orders:
+     * - Exact (1.0): weights of every layer, then the chunks of every layer
+     *   from passes of the uncompressed model, then finalize(). x_ref is
+     *   NULL (or absent: struct_size below it).
+     * - Sequential (1.1): weights of every layer; then for l = 0 .. L-1:
+     *   every chunk of layer l, finalize_layer(l), and the host advances
+     *   its calibration tokens through layer l with sequences of this
+     *   instance opened before finalize() (append/attend of layer l only,
+     *   now prepared; one sequence per window, all closed again before
+     *   layer l+1's chunks), so layer l+1's chunks see the error of layers
+     *   0..l. In each chunk x holds the rows of that
+     *   compressed pass and x_ref the same tokens' rows in the uncompressed
+     *   model (equal to x at layer 0); finalize() comes last. A plugin that
+     *   refits on compressed inputs (SVD-LLM's sequential update) reads
+     *   x_ref only when KVC_HAS_FIELD says the host filled it and it is
+     *   non-NULL, and otherwise treats x as both. */
     kvc_status (*prepare_layer)(kvc_instance *inst, uint32_t layer,
                                 const kvc_layer_weights *weights,
                                 const kvc_calib_chunk *calib);
 
     /* [instance-thread] Computes layer `layer`'s parameters from what was
      * fed; afterwards the layer accepts append/attend (so a host can run
-     * calibration through already-compressed layers). Errors: STATE
-     * (nothing fed, already finalized), NOMEM, INTERNAL. */
+     * calibration through already-compressed layers: the sequential order
+     * above), while later layers may still be fed. Errors: STATE (nothing
+     * fed, already finalized), NOMEM, INTERNAL. */
     kvc_status (*finalize_layer)(kvc_instance *inst, uint32_t layer);
 
     /* [instance-thread] Finalizes every layer not yet finalized and makes

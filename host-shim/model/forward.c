@@ -146,6 +146,64 @@ void kvch_llama_ctx_hook(kvch_llama_ctx *c, kvch_layer_hook hook, void *user)
 
 /* ---- the pass ------------------------------------------------------------------ */
 
+void kvch_llama_embed(const kvch_llama *m, const int32_t *tokens, uint32_t n, float *x)
+{
+    const size_t E = m->hp.n_embd;
+    for (uint32_t i = 0; i < n; i++)
+        memcpy(x + i * E, m->tok_embd + (size_t)tokens[i] * E, E * sizeof(float));
+}
+
+/* Layer `il` over n <= max_batch tokens at c->pos: x (n, n_embd) is the
+ * residual stream, updated in place; the attention input goes to xn (n,
+ * n_embd) (c->xn or the caller's). The one copy of a layer's arithmetic:
+ * eval and kvch_llama_eval_layer both come here, so they agree bit for
+ * bit. */
+static kvc_status layer_step(kvch_llama_ctx *c, kvch_kv *kv, uint32_t il, uint32_t n,
+                             const uint8_t *flags, float *x, float *xn, char *err, size_t cap)
+{
+    const kvch_llama *m = c->m;
+    const kvch_llama_hparams *hp = &m->hp;
+    const kvch_llama_layer *L = &m->layers[il];
+    const size_t E = hp->n_embd, F = hp->n_ff, qd = (size_t)hp->n_head * hp->head_dim,
+                 kvd = (size_t)hp->n_head_kv * hp->head_dim;
+    kvc_status s;
+    /* attention block */
+    kvch_rmsnorm(x, L->attn_norm, hp->rms_eps, n, E, xn);
+    if (c->hook && (s = c->hook(c->hook_user, il, n, c->pos, xn)))
+        return s; /* the hook words its own error */
+    kvch_linear(xn, L->wq, L->bq, n, E, qd, c->q);
+    kvch_linear(xn, L->wk, L->bk, n, E, kvd, c->k);
+    kvch_linear(xn, L->wv, L->bv, n, E, kvd, c->v);
+    if ((s = kvch_kv_append(kv, il, n, c->pos, c->k, c->v, flags, err, cap)) ||
+        (s = kvch_kv_attend(kv, il, n, c->pos, c->q, c->att, err, cap)))
+        return s;
+    /* x += att Wo^T */
+    matmul_t(c->att, L->wo, n, qd, E, 1.0f, x);
+    /* MLP block: x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T */
+    kvch_rmsnorm(x, L->ffn_norm, hp->rms_eps, n, E, c->xn);
+    kvch_linear(c->xn, L->w_gate, NULL, n, E, F, c->gate);
+    kvch_linear(c->xn, L->w_up, NULL, n, E, F, c->up);
+    kvch_swiglu(c->gate, c->up, (size_t)n * F);
+    matmul_t(c->gate, L->w_down, n, F, E, 1.0f, x);
+    return KVC_OK;
+}
+
+kvc_status kvch_llama_eval_layer(kvch_llama_ctx *c, kvch_kv *kv, uint32_t layer, uint32_t n,
+                                 int32_t pos0, const uint8_t *flags, float *x, float *xn_out,
+                                 char *err, size_t cap)
+{
+    if (!c || !kv || !x || n == 0 || pos0 < 0)
+        return kvch_fail(err, cap, KVC_E_INVALID, "layer: bad arguments (n %u, pos0 %d)", n,
+                         (int)pos0);
+    if (layer >= c->m->hp.n_layer || n > c->max_batch)
+        return kvch_fail(err, cap, KVC_E_INVALID,
+                         "layer: layer %u of %u, or %u tokens above the context's batch of %u",
+                         layer, c->m->hp.n_layer, n, c->max_batch);
+    for (uint32_t i = 0; i < n; i++)
+        c->pos[i] = pos0 + (int32_t)i;
+    return layer_step(c, kv, layer, n, flags, x, xn_out ? xn_out : c->xn, err, cap);
+}
+
 /* One micro-batch of n <= max_batch tokens; logits for its last n_logits. */
 static kvc_status eval_batch(kvch_llama_ctx *c, kvch_kv *kv, const int32_t *tokens,
                              const uint8_t *flags, uint32_t n, int32_t pos0, float *logits,
@@ -153,34 +211,15 @@ static kvc_status eval_batch(kvch_llama_ctx *c, kvch_kv *kv, const int32_t *toke
 {
     const kvch_llama *m = c->m;
     const kvch_llama_hparams *hp = &m->hp;
-    const size_t E = hp->n_embd, F = hp->n_ff, qd = (size_t)hp->n_head * hp->head_dim,
-                 kvd = (size_t)hp->n_head_kv * hp->head_dim;
+    const size_t E = hp->n_embd;
 
-    for (uint32_t i = 0; i < n; i++) {
-        memcpy(c->x + i * E, m->tok_embd + (size_t)tokens[i] * E, E * sizeof(float));
+    kvch_llama_embed(m, tokens, n, c->x);
+    for (uint32_t i = 0; i < n; i++)
         c->pos[i] = pos0 + (int32_t)i;
-    }
     for (uint32_t il = 0; il < hp->n_layer; il++) {
-        const kvch_llama_layer *L = &m->layers[il];
-        kvc_status s;
-        /* attention block */
-        kvch_rmsnorm(c->x, L->attn_norm, hp->rms_eps, n, E, c->xn);
-        if (c->hook && (s = c->hook(c->hook_user, il, n, c->pos, c->xn)))
-            return s; /* the hook words its own error */
-        kvch_linear(c->xn, L->wq, L->bq, n, E, qd, c->q);
-        kvch_linear(c->xn, L->wk, L->bk, n, E, kvd, c->k);
-        kvch_linear(c->xn, L->wv, L->bv, n, E, kvd, c->v);
-        if ((s = kvch_kv_append(kv, il, n, c->pos, c->k, c->v, flags, err, cap)) ||
-            (s = kvch_kv_attend(kv, il, n, c->pos, c->q, c->att, err, cap)))
+        kvc_status s = layer_step(c, kv, il, n, flags, c->x, c->xn, err, cap);
+        if (s)
             return s;
-        /* x += att Wo^T */
-        matmul_t(c->att, L->wo, n, qd, E, 1.0f, c->x);
-        /* MLP block: x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T */
-        kvch_rmsnorm(c->x, L->ffn_norm, hp->rms_eps, n, E, c->xn);
-        kvch_linear(c->xn, L->w_gate, NULL, n, E, F, c->gate);
-        kvch_linear(c->xn, L->w_up, NULL, n, E, F, c->up);
-        kvch_swiglu(c->gate, c->up, (size_t)n * F);
-        matmul_t(c->gate, L->w_down, n, F, E, 1.0f, c->x);
     }
     if (logits && n_logits) {
         const float *xl = c->x + (size_t)(n - n_logits) * E;

@@ -144,6 +144,30 @@ kvc_status kvch_llama_eval(kvch_llama_ctx *c, kvch_kv *kv, const int32_t *tokens
                            const uint8_t *flags, uint32_t n, int32_t pos0, float *logits,
                            uint32_t n_logits, char *err, size_t err_size);
 
+/* ---- the pass one layer at a time --------------------------------------------- */
+/* What kvch_llama_eval does, in pieces, for hosts that run layer-major (the
+ * sequential calibration of kvch_prepare): embed, then kvch_llama_eval_layer for
+ * layer 0 .. n_layer-1, then (for logits) kvch_rmsnorm with out_norm and
+ * kvch_linear with `output`. Same arithmetic as eval, bit for bit. */
+
+/* x [n][n_embd] = the embedding rows of tokens [n] (each < n_vocab; not
+ * checked here). */
+void kvch_llama_embed(const kvch_llama *m, const int32_t *tokens, uint32_t n, float *x);
+
+/* Runs layer `layer` for n tokens (n <= the context's max_batch) at
+ * positions pos0 .. pos0+n-1: x [n][n_embd] is the residual stream, read
+ * and updated in place; the layer's attention input (the rows after
+ * attn_norm that feed W_q/W_k/W_v) is written to xn_out [n][n_embd] when
+ * not NULL (it must not overlap x). Attention is this layer's only: one
+ * append + one attend of `layer` in kv, flags [n] with the append (may be
+ * NULL). The context's hook, if set, sees the attention input too. x and
+ * xn_out are the caller's; the context's buffers are scratch. Errors
+ * (x unchanged): INVALID (layer out of range, n == 0 or above max_batch,
+ * pos0 < 0), the store's errors with its message, the hook's status. */
+kvc_status kvch_llama_eval_layer(kvch_llama_ctx *c, kvch_kv *kv, uint32_t layer, uint32_t n,
+                                 int32_t pos0, const uint8_t *flags, float *x, float *xn_out,
+                                 char *err, size_t err_size);
+
 /* ---- pieces, exposed for tests ---------------------------------------------- */
 
 /* y[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], for rows [n][d]. y == x ok. */

@@ -334,6 +334,144 @@ static kvc_status feed_hook(void *user, uint32_t layer, uint32_t n, const int32_
     return s;
 }
 
+/* Exact passes over calib [n] in windows of win: the plugin gets every
+ * layer's attention inputs as they come (x_ref NULL). */
+static kvc_status feed_exact(const kvc_plugin *p, kvc_instance *inst, const kvch_llama *m,
+                             const int32_t *calib, size_t n, uint32_t win,
+                             const kvch_prepare_params *pp, kvch_prepare_result *r, char *err,
+                             size_t cap)
+{
+    kvc_geometry geo;
+    kvch_llama_geometry(m, win, &geo);
+    kvch_kv *kv = NULL;
+    kvch_llama_ctx *c = NULL;
+    feed f = {p, inst, err, cap};
+    kvc_status s;
+    if ((s = kvch_kv_exact(&geo, &kv, err, cap)) ||
+        (s = kvch_llama_ctx_new(m, win, &c, err, cap))) {
+        kvch_kv_free(kv);
+        return s;
+    }
+    kvch_llama_ctx_hook(c, feed_hook, &f);
+    for (size_t at = 0; at < n && !s; at += win) {
+        uint32_t nw = n - at < win ? (uint32_t)(n - at) : win;
+        if (!(s = kvch_kv_reset(kv, err, cap)))
+            s = kvch_llama_eval(c, kv, calib + at, NULL, nw, 0, NULL, 0, err, cap);
+        if (!s) {
+            r->calib_tokens += nw;
+            r->calib_windows++;
+            if (pp->progress)
+                pp->progress(pp->user, "calibration", at + nw, n);
+        }
+    }
+    kvch_llama_ctx_free(c);
+    kvch_kv_free(kv);
+    return s;
+}
+
+/* Layer-major calibration through the layers already finalized (SVD-LLM's
+ * sequential update). Every window keeps two residual streams: the exact
+ * model's and the one whose attention so far went through the plugin. For
+ * layer l: feed both streams' attention inputs (x = compressed, x_ref =
+ * exact), finalize_layer(l), then advance every window through layer l:
+ * the exact stream over a fresh exact store, the compressed one over a
+ * fresh plugin sequence (each window is its own sequence, and only layer
+ * l's K/V are needed). The caller calls finalize(). */
+static kvc_status feed_sequential(const kvc_plugin *p, kvc_instance *inst, const kvch_llama *m,
+                                  const int32_t *calib, size_t n, uint32_t win,
+                                  const kvch_prepare_params *pp, kvch_prepare_result *r,
+                                  char *err, size_t cap)
+{
+    const kvch_llama_hparams *hp = &m->hp;
+    const uint32_t L = hp->n_layer;
+    const size_t E = hp->n_embd;
+    for (size_t i = 0; i < n; i++)
+        if (calib[i] < 0 || (uint32_t)calib[i] >= hp->n_vocab)
+            return kvch_fail(err, cap, KVC_E_INVALID,
+                             "calibration token %d at %zu is outside the vocabulary of %u",
+                             (int)calib[i], i, hp->n_vocab);
+    kvc_geometry geo;
+    kvch_llama_geometry(m, win, &geo);
+    /* residual streams, window after window: (n, n_embd) each */
+    float *x_ex = malloc(n * E * sizeof(float)); /* the exact model */
+    float *x_cp = malloc(n * E * sizeof(float)); /* attention through the plugin */
+    /* one window's attention inputs: (win, n_embd) each */
+    float *xn_ex = malloc(win * E * sizeof(float));
+    float *xn_cp = malloc(win * E * sizeof(float));
+    int32_t *pos = malloc(win * sizeof(int32_t)); /* (win) 0 .. win-1 */
+    kvch_kv *kv_ex = NULL, *kv_cp = NULL;
+    kvch_llama_ctx *c = NULL;
+    kvc_status s = KVC_OK;
+    if (!x_ex || !x_cp || !xn_ex || !xn_cp || !pos)
+        s = kvch_fail(err, cap, KVC_E_NOMEM,
+                      "sequential calibration: out of memory for 2 x %zu x %zu floats", n, E);
+    if (!s && !(s = kvch_kv_exact(&geo, &kv_ex, err, cap)))
+        s = kvch_llama_ctx_new(m, win, &c, err, cap);
+    if (!s) {
+        for (uint32_t i = 0; i < win; i++)
+            pos[i] = (int32_t)i;
+        for (size_t at = 0; at < n; at += win)
+            kvch_llama_embed(m, calib + at, n - at < win ? (uint32_t)(n - at) : win,
+                             x_ex + at * E);
+        memcpy(x_cp, x_ex, n * E * sizeof(float));
+    }
+    for (uint32_t l = 0; l < L && !s; l++) {
+        const kvch_llama_layer *ly = &m->layers[l];
+        for (size_t at = 0; at < n && !s; at += win) {
+            uint32_t nw = n - at < win ? (uint32_t)(n - at) : win;
+            /* the attention inputs, as layer l computes them */
+            kvch_rmsnorm(x_ex + at * E, ly->attn_norm, hp->rms_eps, nw, E, xn_ex);
+            kvch_rmsnorm(x_cp + at * E, ly->attn_norm, hp->rms_eps, nw, E, xn_cp);
+            kvc_calib_chunk ch = {.struct_size = sizeof ch, .n_rows = nw, .x = xn_cp,
+                                  .positions = pos, .x_ref = xn_ex};
+            if ((s = p->prepare_layer(inst, l, NULL, &ch)))
+                kvch_fail(err, cap, s,
+                          "%s: prepare_layer(layer %u, %u sequential calibration rows): %s",
+                          p->id, l, nw, p->instance_message(inst));
+        }
+        if (s)
+            break;
+        double t0 = now_s();
+        if ((s = p->finalize_layer(inst, l))) {
+            kvch_fail(err, cap, s, "%s: finalize_layer(layer %u): %s", p->id, l,
+                      p->instance_message(inst));
+            break;
+        }
+        r->finalize_layers_s += now_s() - t0;
+        /* advance through layer l (the last layer's output feeds nothing);
+         * no plugin sequence stays open across prepare_layer/finalize_layer */
+        for (size_t at = 0; at < n && !s && l + 1 < L; at += win) {
+            uint32_t nw = n - at < win ? (uint32_t)(n - at) : win;
+            if (!(s = kvch_kv_reset(kv_ex, err, cap)))
+                s = kvch_llama_eval_layer(c, kv_ex, l, nw, 0, NULL, x_ex + at * E, NULL, err,
+                                          cap);
+            if (!s)
+                s = kv_cp ? kvch_kv_reset(kv_cp, err, cap)
+                          : kvch_kv_plugin(p, inst, &kv_cp, err, cap);
+            if (!s)
+                s = kvch_llama_eval_layer(c, kv_cp, l, nw, 0, NULL, x_cp + at * E, NULL, err,
+                                          cap);
+        }
+        kvch_kv_free(kv_cp);
+        kv_cp = NULL;
+        if (!s && pp->progress)
+            pp->progress(pp->user, "sequential calibration", l + 1, L);
+    }
+    if (!s) {
+        r->calib_tokens = n;
+        r->calib_windows = (uint32_t)((n + win - 1) / win);
+        r->sequential = 1;
+    }
+    kvch_kv_free(kv_ex);
+    kvch_llama_ctx_free(c);
+    free(x_ex);
+    free(x_cp);
+    free(xn_ex);
+    free(xn_cp);
+    free(pos);
+    return s;
+}
+
 kvc_status kvch_prepare(const kvc_plugin *p, kvc_instance *inst, const kvch_llama *m,
                         const int32_t *calib, size_t n_calib, const kvch_prepare_params *pp,
                         kvch_prepare_result *r, char *err, size_t cap)
@@ -358,30 +496,8 @@ kvc_status kvch_prepare(const kvc_plugin *p, kvc_instance *inst, const kvch_llam
             return kvch_fail(err, cap, KVC_E_INVALID, "%s needs calibration text and none was given",
                         p->id);
         uint32_t win = pp->n_ctx ? pp->n_ctx : 512;
-        kvc_geometry geo;
-        kvch_llama_geometry(m, win, &geo);
-        kvch_kv *kv = NULL;
-        kvch_llama_ctx *c = NULL;
-        feed f = {p, inst, err, cap};
-        if ((s = kvch_kv_exact(&geo, &kv, err, cap)) ||
-            (s = kvch_llama_ctx_new(m, win, &c, err, cap))) {
-            kvch_kv_free(kv);
-            return s;
-        }
-        kvch_llama_ctx_hook(c, feed_hook, &f);
-        for (size_t at = 0; at < n && !s; at += win) {
-            uint32_t nw = n - at < win ? (uint32_t)(n - at) : win;
-            if (!(s = kvch_kv_reset(kv, err, cap)))
-                s = kvch_llama_eval(c, kv, calib + at, NULL, nw, 0, NULL, 0, err, cap);
-            if (!s) {
-                r->calib_tokens += nw;
-                r->calib_windows++;
-                if (pp->progress)
-                    pp->progress(pp->user, "calibration", at + nw, n);
-            }
-        }
-        kvch_llama_ctx_free(c);
-        kvch_kv_free(kv);
+        s = pp->sequential ? feed_sequential(p, inst, m, calib, n, win, pp, r, err, cap)
+                           : feed_exact(p, inst, m, calib, n, win, pp, r, err, cap);
         if (s)
             return s;
     }

@@ -1,7 +1,8 @@
 /*
  * run.h -- what the model host does with a model and a KV store:
  * perplexity (llama.cpp's protocol), generation, and the preparation feed
- * that gives a compressor its weights and calibration activations.
+ * that gives a compressor its weights and calibration activations (from
+ * exact passes, or sequentially through the layers already compressed).
  *
  * Prefix kvch_. Single-threaded per call (BLAS may use its own threads).
  */
@@ -110,25 +111,49 @@ kvc_status kvch_generate(kvch_llama_ctx *c, kvch_kv *kv, const kvch_model *m,
 /* ---- preparation feed ---------------------------------------------------------- */
 
 typedef struct kvch_prepare_params {
-    uint32_t n_ctx;        /* calibration window: tokens per forward pass */
+    uint32_t n_ctx;        /* calibration window: tokens per forward pass (0 = 512) */
     uint64_t max_tokens;   /* calibration tokens at most (0 = all given) */
     void (*progress)(void *user, const char *stage, uint64_t done, uint64_t total);
     void *user;
+    /* Nonzero: calibrate layer by layer through the layers already
+     * finalized (ABI 1.1 sequential order, kvc_calib_chunk.x_ref set).
+     * Ignored for plugins without KVC_CAP_NEEDS_CALIBRATION. */
+    int sequential;
 } kvch_prepare_params;
 
 typedef struct kvch_prepare_result {
-    uint64_t calib_tokens;  /* activation rows fed per layer */
-    uint32_t calib_windows; /* forward passes */
-    double feed_s, finalize_s;
+    uint64_t calib_tokens;     /* activation rows fed per layer */
+    uint32_t calib_windows;    /* windows of n_ctx tokens (one sequence each) */
+    double feed_s, finalize_s; /* feed_s includes finalize_layers_s */
+    int sequential;            /* 1 when the sequential order ran */
+    double finalize_layers_s;  /* seconds in finalize_layer (sequential only) */
 } kvch_prepare_result;
 
-/* Prepares `inst` (of plugin p) for model m: when the plugin has
- * KVC_CAP_NEEDS_WEIGHTS, each layer's W_q, W_k, W_v, W_o (kvc_layer_weights:
- * fp32, [out][in] as the GGUF holds them); when it has
- * KVC_CAP_NEEDS_CALIBRATION, the attention-input rows of every layer from
- * exact forward passes over calib [n_calib] tokens in windows of n_ctx, as
- * kvc_calib_chunk's of one window each. Then finalize(). Errors: the
- * plugin's, with its message in err. */
+/* Prepares `inst` (of plugin p) for model m, then calls finalize().
+ *
+ * Weights: when the plugin has KVC_CAP_NEEDS_WEIGHTS, first every layer's
+ * W_q, W_k, W_v, W_o (kvc_layer_weights: fp32, [out][in] as the GGUF holds
+ * them), layers 0 .. L-1.
+ *
+ * Calibration, when it has KVC_CAP_NEEDS_CALIBRATION: the calib [n_calib]
+ * tokens (at most max_tokens) in windows of n_ctx, each window its own
+ * sequence at positions 0 .. n-1; each window gives one kvc_calib_chunk
+ * per layer (struct_size = sizeof, ABI 1.1).
+ * - sequential == 0: exact forward passes, window after window; each
+ *   window's chunks arrive layer 0 .. L-1 as the pass reaches them; x_ref
+ *   is NULL. No finalize_layer.
+ * - sequential != 0: layer-major. For l = 0 .. L-1: every window's chunk
+ *   of layer l, with x = the attention input of a pass whose layers 0..l-1
+ *   ran through the plugin (appended to and attended over by a fresh plugin
+ *   sequence per window and layer, opened after finalize_layer(l) and
+ *   closed before layer l+1 is fed) and x_ref = the same tokens' rows in
+ *   the exact model; then finalize_layer(l); then every window advances
+ *   through layer l on both streams (not after the last layer). At layer
+ *   0, x and x_ref are equal. Holds 2 x n x n_embd floats (two residual
+ *   streams); costs about two exact passes.
+ *
+ * Errors: INVALID (a calibration plugin and no tokens; a token outside the
+ * vocabulary), NOMEM, the plugin's, with its message in err. */
 kvc_status kvch_prepare(const kvc_plugin *p, kvc_instance *inst, const kvch_llama *m,
                         const int32_t *calib, size_t n_calib, const kvch_prepare_params *pp,
                         kvch_prepare_result *r, char *err, size_t err_size);

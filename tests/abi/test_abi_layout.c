@@ -1,8 +1,10 @@
 /*
- * test_abi_layout.c -- freezes ABI 1.0: the size of every boundary struct
- * and the offset of every field, on LP64 targets. A layout change breaks
- * the build here; the only legal change in a minor version is a new field
- * at the end (update the size, add its offset, keep every line above).
+ * test_abi_layout.c -- freezes ABI 1.0 and 1.1: the size of every boundary
+ * struct and the offset of every field, on LP64 targets. A layout change
+ * breaks the build here; the only legal change in a minor version is a new
+ * field at the end. A struct that grew keeps its 1.0 size asserted as
+ * KVC_V10_SIZE (offset + size of its last 1.0 field: what a 1.0 side puts
+ * in struct_size), then its new size and the new fields' offsets.
  */
 #include <check.h>
 #include <stddef.h>
@@ -10,10 +12,15 @@
 
 #include "kvc.h"
 
+/* The struct_size a 1.0 side writes: up to the end of the last 1.0 field. */
+#define KVC_V10_SIZE(T, last) (offsetof(T, last) + sizeof(((T *)0)->last))
+
 #if UINTPTR_MAX == 0xffffffffffffffffu
 
-#define KVC_SIZE(T, n) _Static_assert(sizeof(T) == (n), "ABI 1.0 size of " #T " changed")
-#define KVC_LAYOUT(T, f, n) _Static_assert(offsetof(T, f) == (n), "ABI 1.0 offset of " #T "." #f " changed")
+#define KVC_SIZE(T, n) _Static_assert(sizeof(T) == (n), "ABI size of " #T " changed")
+#define KVC_LAYOUT(T, f, n) _Static_assert(offsetof(T, f) == (n), "ABI offset of " #T "." #f " changed")
+#define KVC_SIZE_V10(T, last, n) \
+    _Static_assert(KVC_V10_SIZE(T, last) == (n), "ABI 1.0 size of " #T " changed")
 
 KVC_SIZE(kvc_host, 48);
 KVC_LAYOUT(kvc_host, struct_size, 0);
@@ -73,11 +80,13 @@ KVC_LAYOUT(kvc_layer_weights, w_o, 32);
 KVC_LAYOUT(kvc_layer_weights, b_q, 40);
 KVC_LAYOUT(kvc_layer_weights, b_k, 48);
 KVC_LAYOUT(kvc_layer_weights, b_v, 56);
-KVC_SIZE(kvc_calib_chunk, 24);
+KVC_SIZE_V10(kvc_calib_chunk, positions, 24); /* 1.0 */
 KVC_LAYOUT(kvc_calib_chunk, struct_size, 0);
 KVC_LAYOUT(kvc_calib_chunk, n_rows, 4);
 KVC_LAYOUT(kvc_calib_chunk, x, 8);
 KVC_LAYOUT(kvc_calib_chunk, positions, 16);
+KVC_SIZE(kvc_calib_chunk, 32); /* 1.1 */
+KVC_LAYOUT(kvc_calib_chunk, x_ref, 24);
 KVC_SIZE(kvc_seq_stats, 72);
 KVC_LAYOUT(kvc_seq_stats, struct_size, 0);
 KVC_LAYOUT(kvc_seq_stats, reserved0, 4);
@@ -163,7 +172,7 @@ _Static_assert(KVC_TOKEN_SPECIAL == 1 && KVC_TOKEN_PUNCT == 2, "token flags chan
 
 START_TEST(version_macros)
 {
-    ck_assert_uint_eq(KVC_ABI_VERSION, 0x00010000u);
+    ck_assert_uint_eq(KVC_ABI_VERSION, 0x00010001u);
     ck_assert_uint_eq(KVC_VERSION_MAJOR(KVC_MAKE_VERSION(3, 7)), 3);
     ck_assert_uint_eq(KVC_VERSION_MINOR(KVC_MAKE_VERSION(3, 7)), 7);
 }
@@ -180,12 +189,25 @@ START_TEST(has_field_reads_struct_size)
 }
 END_TEST
 
+START_TEST(calib_chunk_of_a_1_0_host)
+{
+    /* A 1.0 host's chunk stops before x_ref: a 1.1 plugin must not read it. */
+    kvc_calib_chunk c = {0};
+    c.struct_size = (uint32_t)KVC_V10_SIZE(kvc_calib_chunk, positions);
+    ck_assert(KVC_HAS_FIELD(&c, kvc_calib_chunk, positions));
+    ck_assert(!KVC_HAS_FIELD(&c, kvc_calib_chunk, x_ref));
+    c.struct_size = sizeof c;
+    ck_assert(KVC_HAS_FIELD(&c, kvc_calib_chunk, x_ref));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("abi");
     TCase *tc = tcase_create("layout");
     tcase_add_test(tc, version_macros);
     tcase_add_test(tc, has_field_reads_struct_size);
+    tcase_add_test(tc, calib_chunk_of_a_1_0_host);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -22,6 +22,11 @@
 
 #define FX(name) FIXTURE_DIR "/kvc-fixture-" name ".so"
 
+/* This host's ABI as the loader and the CLI write it: "1.1". */
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define HOST_ABI STR(KVC_ABI_VERSION_MAJOR) "." STR(KVC_ABI_VERSION_MINOR)
+
 /* A value *out must still hold after a failed load. */
 static kvch_plugin *const SENTINEL = (kvch_plugin *)(uintptr_t)0x5e11;
 
@@ -85,6 +90,19 @@ START_TEST(test_newer_minor_loads)
 }
 END_TEST
 
+START_TEST(test_older_minor_loads)
+{
+    /* A plugin built against ABI 1.0 serves this (newer minor) host. */
+    kvch_plugin *p = NULL;
+    char err[512];
+    ck_assert_msg(kvch_load(FX("abi10"), &p, err, sizeof err) == KVC_OK, "%s", err);
+    const kvc_plugin *d = kvch_plugin_desc(p);
+    ck_assert_uint_eq(d->abi_version, KVC_MAKE_VERSION(1, 0));
+    ck_assert_str_eq(d->id, "fixture-abi10");
+    kvch_unload(p);
+}
+END_TEST
+
 START_TEST(test_missing_file)
 {
     const char *w[] = {"/nonexistent-dir/kvc-x.so", "no such file", NULL};
@@ -126,12 +144,12 @@ static const struct {
 } bad[] = {
     {"noentry", KVC_E_INVALID, {"not a kvc plugin", "no symbol kvc_plugin_entry"}},
     {"undef", KVC_E_INVALID, {"dlopen failed", "kvc_fixture_missing_function"}},
-    {"major2", KVC_E_VERSION, {"plugin speaks kvc ABI 2.x", "this host speaks 1.0"}},
+    {"major2", KVC_E_VERSION, {"plugin speaks kvc ABI 2.x", "this host speaks " HOST_ABI}},
     {"nullfn", KVC_E_INVALID, {"function pointer seq_export is NULL"}},
-    {"refuse", KVC_E_VERSION, {"refused every kvc ABI version", "this host speaks 1.0"}},
-    {"newhost", KVC_E_VERSION, {"refuses kvc ABI 1.0", "newer host"}},
+    {"refuse", KVC_E_VERSION, {"refused every kvc ABI version", "this host speaks " HOST_ABI}},
+    {"newhost", KVC_E_VERSION, {"refuses kvc ABI " HOST_ABI, "newer host"}},
     {"small", KVC_E_VERSION, {"struct_size", "smaller than a kvc ABI 1.0 descriptor"}},
-    {"wrongmajor", KVC_E_VERSION, {"descriptor says kvc ABI 3.0", "this host speaks 1.0"}},
+    {"wrongmajor", KVC_E_VERSION, {"descriptor says kvc ABI 3.0", "this host speaks " HOST_ABI}},
     {"nullname", KVC_E_INVALID, {"descriptor field name is NULL"}},
     {"badid", KVC_E_INVALID, {"\"Fixture Defect\"", "[a-z0-9_-]+"}},
     {"nullopt", KVC_E_INVALID, {"option 1 of 2 is NULL"}},
@@ -361,7 +379,7 @@ START_TEST(test_cli_info)
 {
     int rc = run("'" KVC_EXE "' info '" FX("good") "'", out, sizeof out);
     ck_assert_msg(rc == 0, "rc %d: %s", rc, out);
-    const char *want[] = {"fixture-good", "kvc loader test fixture", "0.0.1", "1.0", "MIT",
+    const char *want[] = {"fixture-good", "kvc loader test fixture", "0.0.1", HOST_ABI, "MIT",
                           "cpu export", "KVC_E_UNSUPPORTED", "kv_ratio", "float", "[0, 1]",
                           "fixture_mode", "enum", "plain|fancy", "How the fixture pretends",
                           NULL};
@@ -411,7 +429,7 @@ START_TEST(test_cli_dispatch)
     ck_assert_ptr_nonnull(strstr(out, "info PLUGIN"));
     ck_assert_int_eq(run("'" KVC_EXE "' help", out, sizeof out), 0);
     ck_assert_int_eq(run("'" KVC_EXE "' --version", out, sizeof out), 0);
-    ck_assert_ptr_nonnull(strstr(out, "ABI 1.0"));
+    ck_assert_ptr_nonnull(strstr(out, "ABI " HOST_ABI));
     ck_assert_int_eq(run("'" KVC_EXE "' list extra-arg", out, sizeof out), 2);
 }
 END_TEST
@@ -422,6 +440,7 @@ static Suite *loader_suite(void)
     TCase *tc = tcase_create("path");
     tcase_add_test(tc, test_good_by_path);
     tcase_add_test(tc, test_newer_minor_loads);
+    tcase_add_test(tc, test_older_minor_loads);
     tcase_add_test(tc, test_missing_file);
     tcase_add_test(tc, test_text_file);
     tcase_add_test(tc, test_directory);

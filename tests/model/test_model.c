@@ -2,8 +2,9 @@
  * test_model.c -- the reference model host: forward-pass pieces against
  * hand-computed values, a tiny random Llama against a float64 reference
  * written here from the equations, batched prefill == token-by-token
- * decode, the `full` plugin == the built-in exact path, the preparation
- * feed, and on SmolLM2 (skipped when the model is absent): perplexity
+ * decode, the `full` plugin == the built-in exact path, the layer-by-layer
+ * pass == eval, the preparation feed (exact and sequential, ABI 1.1), and
+ * on SmolLM2 (skipped when the model is absent): perplexity
  * through `full` equal to the exact path and fp16 within 0.1%.
  */
 #include <check.h>
@@ -409,13 +410,29 @@ END_TEST
 
 /* ---- the preparation feed, into a recording plugin ---------------------------- */
 
+#define REC_ROWS 64 /* calibration rows recorded per layer */
+
 typedef struct rec {
     const kvch_llama *m;
     uint32_t weights_calls[2], rows[2], chunks[2];
     int weights_ok, finalized, bad_order;
     double x_sum[2];
+    /* ABI 1.1: the rows fed, and the sequential order */
+    float x[2][REC_ROWS * 16], x_ref[2][REC_ROWS * 16];
+    uint32_t ref_chunks[2];  /* chunks with x_ref set */
+    int last_final;          /* last layer finalized, -1 before any */
+    uint32_t finalize_layer_calls, appends[2], attends[2];
+    int seqs_open;           /* sequences open now */
+    int perturb;             /* halve the values appended: a lossy store */
 } rec;
 static rec R;
+
+static void rec_reset(const kvch_llama *m)
+{
+    memset(&R, 0, sizeof R);
+    R.m = m;
+    R.last_final = -1;
+}
 
 static kvc_status rec_prepare(kvc_instance *inst, uint32_t layer, const kvc_layer_weights *w,
                               const kvc_calib_chunk *c)
@@ -437,10 +454,83 @@ static kvc_status rec_prepare(kvc_instance *inst, uint32_t layer, const kvc_laye
                 R.bad_order = 1;
         for (size_t i = 0; i < (size_t)c->n_rows * 16; i++)
             R.x_sum[layer] += c->x[i];
+        /* x_ref read only when the host's struct has it (KVC-REQ-20) */
+        const float *ref = KVC_HAS_FIELD(c, kvc_calib_chunk, x_ref) ? c->x_ref : NULL;
+        if (ref) {
+            R.ref_chunks[layer]++;
+            /* sequential: layer l's chunks come after finalize_layer(l - 1)
+             * and before finalize_layer(l), with no sequence open */
+            if ((int)layer != R.last_final + 1 || R.seqs_open)
+                R.bad_order = 1;
+        }
+        if (R.rows[layer] + c->n_rows <= REC_ROWS) {
+            memcpy(R.x[layer] + R.rows[layer] * 16, c->x, c->n_rows * 16 * sizeof(float));
+            if (ref)
+                memcpy(R.x_ref[layer] + R.rows[layer] * 16, ref, c->n_rows * 16 * sizeof(float));
+        }
         R.rows[layer] += c->n_rows;
         R.chunks[layer]++;
     }
     return KVC_OK;
+}
+static kvc_status rec_finalize_layer(kvc_instance *inst, uint32_t layer)
+{
+    (void)inst;
+    R.finalize_layer_calls++;
+    /* in order, each after its own chunks */
+    if ((int)layer != R.last_final + 1 || layer >= 2 || !R.chunks[layer] || R.seqs_open)
+        R.bad_order = 1;
+    R.last_final = (int)layer;
+    return KVC_OK;
+}
+
+/* The recorder's sequences: the built-in exact store (so its attention is
+ * exact, bit for bit), optionally made lossy by halving V. */
+static kvc_status rec_seq_open(kvc_instance *inst, kvc_seq **out)
+{
+    (void)inst;
+    kvc_geometry geo;
+    kvch_llama_geometry(R.m, 0, &geo);
+    kvch_kv *kv = NULL;
+    kvc_status s = kvch_kv_exact(&geo, &kv, NULL, 0);
+    if (s)
+        return s;
+    R.seqs_open++;
+    *out = (kvc_seq *)kv;
+    return KVC_OK;
+}
+static void rec_seq_close(kvc_seq *seq)
+{
+    if (!seq)
+        return;
+    R.seqs_open--;
+    kvch_kv_free((kvch_kv *)seq);
+}
+static const char *rec_seq_msg(const kvc_seq *seq)
+{
+    (void)seq;
+    return "";
+}
+static kvc_status rec_append(kvc_seq *seq, uint32_t layer, uint32_t n, const int32_t *pos,
+                             const void *k_pre, const void *v, const uint8_t *flags)
+{
+    /* the host advances through the layer it just finalized, only */
+    if ((int)layer != R.last_final || R.finalized)
+        R.bad_order = 1;
+    R.appends[layer]++;
+    float vh[REC_ROWS * 8]; /* (n, 2 kv heads * 4) */
+    ck_assert_uint_le(n, REC_ROWS);
+    for (size_t i = 0; i < (size_t)n * 8; i++)
+        vh[i] = ((const float *)v)[i] * (R.perturb ? 0.5f : 1.0f);
+    return kvch_kv_append((kvch_kv *)seq, layer, n, pos, k_pre, vh, flags, NULL, 0);
+}
+static kvc_status rec_attend(kvc_seq *seq, uint32_t layer, uint32_t n, const int32_t *pos,
+                             const void *q_pre, void *out)
+{
+    if ((int)layer != R.last_final || R.finalized)
+        R.bad_order = 1;
+    R.attends[layer]++;
+    return kvch_kv_attend((kvch_kv *)seq, layer, n, pos, q_pre, out, NULL, 0);
 }
 static kvc_status rec_finalize(kvc_instance *inst)
 {
@@ -457,8 +547,7 @@ static const char *rec_msg(const kvc_instance *inst)
 START_TEST(prepare_feeds_weights_then_activations)
 {
     kvch_llama *m = tiny_model(0);
-    memset(&R, 0, sizeof R);
-    R.m = m;
+    rec_reset(m);
     kvc_plugin p = {.struct_size = sizeof p, .id = "recorder",
                     .caps = KVC_CAP_CPU | KVC_CAP_NEEDS_WEIGHTS | KVC_CAP_NEEDS_CALIBRATION,
                     .prepare_layer = rec_prepare, .finalize = rec_finalize,
@@ -485,14 +574,12 @@ START_TEST(prepare_feeds_weights_then_activations)
     ck_assert_int_eq(R.finalized, 1);
 
     /* --calib-tokens caps the rows; weights-only plugins run no forward pass */
-    memset(&R, 0, sizeof R);
-    R.m = m;
+    rec_reset(m);
     pp.max_tokens = 30;
     ck_assert_int_eq(kvch_prepare(&p, (kvc_instance *)&R, m, tok, 50, &pp, &r, err, sizeof err),
                      KVC_OK);
     ck_assert_uint_eq(R.rows[0], 30);
-    memset(&R, 0, sizeof R);
-    R.m = m;
+    rec_reset(m);
     p.caps = KVC_CAP_CPU | KVC_CAP_NEEDS_WEIGHTS;
     ck_assert_int_eq(kvch_prepare(&p, (kvc_instance *)&R, m, NULL, 0, &pp, &r, err, sizeof err),
                      KVC_OK);
@@ -500,12 +587,201 @@ START_TEST(prepare_feeds_weights_then_activations)
     ck_assert_uint_eq(R.weights_calls[1], 1);
     /* a calibration plugin without text is an error, in words */
     p.caps = KVC_CAP_CPU | KVC_CAP_NEEDS_CALIBRATION;
-    memset(&R, 0, sizeof R);
-    R.m = m;
+    rec_reset(m);
     ck_assert_int_eq(kvch_prepare(&p, (kvc_instance *)&R, m, NULL, 0, &pp, &r, err, sizeof err),
                      KVC_E_INVALID);
     ck_assert_ptr_nonnull(strstr(err, "calibration"));
     kvch_llama_free(m);
+}
+END_TEST
+
+static const kvc_plugin rec_plugin = {
+    .struct_size = sizeof(kvc_plugin), .id = "recorder",
+    .caps = KVC_CAP_CPU | KVC_CAP_NEEDS_WEIGHTS | KVC_CAP_NEEDS_CALIBRATION,
+    .prepare_layer = rec_prepare, .finalize_layer = rec_finalize_layer,
+    .finalize = rec_finalize, .instance_message = rec_msg, .seq_open = rec_seq_open,
+    .seq_close = rec_seq_close, .seq_message = rec_seq_msg, .append = rec_append,
+    .attend = rec_attend};
+
+static int rows_equal(const float *a, const float *b, size_t n_rows)
+{
+    return memcmp(a, b, n_rows * 16 * sizeof(float)) == 0;
+}
+
+START_TEST(prepare_sequential_feeds_layer_by_layer)
+{
+    kvch_llama *m = tiny_model(0);
+    int32_t tok[50];
+    tiny_tokens(tok, 50);
+    kvch_prepare_result r;
+    char err[256];
+    /* the ordinary pass: what the exact model feeds, x_ref NULL */
+    static float plain[2][REC_ROWS * 16];
+    rec_reset(m);
+    kvch_prepare_params pp = {.n_ctx = 20};
+    ck_assert_msg(kvch_prepare(&rec_plugin, (kvc_instance *)&R, m, tok, 50, &pp, &r, err,
+                               sizeof err) == KVC_OK, "%s", err);
+    ck_assert_int_eq(r.sequential, 0);
+    ck_assert_uint_eq(R.finalize_layer_calls, 0);
+    for (int l = 0; l < 2; l++) {
+        ck_assert_uint_eq(R.chunks[l], 3);
+        ck_assert_uint_eq(R.ref_chunks[l], 0);
+    }
+    ck_assert_int_eq(R.seqs_open, 0);
+    memcpy(plain, R.x, sizeof plain);
+
+    /* sequential through an exact store: 50 tokens in windows 20, 20, 10 */
+    rec_reset(m);
+    pp.sequential = 1;
+    ck_assert_msg(kvch_prepare(&rec_plugin, (kvc_instance *)&R, m, tok, 50, &pp, &r, err,
+                               sizeof err) == KVC_OK, "%s", err);
+    ck_assert_int_eq(r.sequential, 1);
+    ck_assert_uint_eq(r.calib_tokens, 50);
+    ck_assert_uint_eq(r.calib_windows, 3);
+    ck_assert_int_eq(R.bad_order, 0);
+    ck_assert_int_eq(R.weights_ok, 2);
+    ck_assert_uint_eq(R.finalize_layer_calls, 2);
+    ck_assert_int_eq(R.last_final, 1);
+    ck_assert_int_eq(R.finalized, 1);
+    ck_assert_int_eq(R.seqs_open, 0);
+    for (int l = 0; l < 2; l++) {
+        ck_assert_uint_eq(R.rows[l], 50);
+        ck_assert_uint_eq(R.chunks[l], 3);
+        ck_assert_uint_eq(R.ref_chunks[l], 3);
+        /* x_ref is what the ordinary pass feeds, bit for bit */
+        ck_assert_msg(rows_equal(R.x_ref[l], plain[l], 50), "layer %d: x_ref != exact rows", l);
+        /* an exact store keeps the compressed stream on the exact one */
+        ck_assert_msg(rows_equal(R.x[l], R.x_ref[l], 50), "layer %d: x != x_ref", l);
+    }
+    /* the plugin's sequences carried layer 0 only (the last layer's output
+     * feeds nothing): one append + attend per window */
+    ck_assert_uint_eq(R.appends[0], 3);
+    ck_assert_uint_eq(R.attends[0], 3);
+    ck_assert_uint_eq(R.appends[1], 0);
+
+    /* a lossy store: layer 0 is still exact, layer 1 sees layer 0's error */
+    rec_reset(m);
+    R.perturb = 1;
+    ck_assert_msg(kvch_prepare(&rec_plugin, (kvc_instance *)&R, m, tok, 50, &pp, &r, err,
+                               sizeof err) == KVC_OK, "%s", err);
+    ck_assert_int_eq(R.bad_order, 0);
+    ck_assert(rows_equal(R.x[0], R.x_ref[0], 50));
+    ck_assert(rows_equal(R.x_ref[1], plain[1], 50));
+    double e = rel_err_f(R.x[1], R.x_ref[1], 50 * 16);
+    ck_assert_msg(e > 1e-3, "layer 1: x should carry layer 0's error, relative %.3e", e);
+
+    /* without NEEDS_CALIBRATION, sequential is ignored */
+    kvc_plugin p = rec_plugin;
+    p.caps = KVC_CAP_CPU | KVC_CAP_NEEDS_WEIGHTS;
+    rec_reset(m);
+    ck_assert_int_eq(kvch_prepare(&p, (kvc_instance *)&R, m, NULL, 0, &pp, &r, err, sizeof err),
+                     KVC_OK);
+    ck_assert_int_eq(r.sequential, 0);
+    ck_assert_uint_eq(R.finalize_layer_calls, 0);
+    ck_assert_uint_eq(R.rows[0], 0);
+    /* a token outside the vocabulary is refused before any feed */
+    rec_reset(m);
+    tok[7] = 32;
+    ck_assert_int_eq(kvch_prepare(&rec_plugin, (kvc_instance *)&R, m, tok, 50, &pp, &r, err,
+                                  sizeof err), KVC_E_INVALID);
+    ck_assert_ptr_nonnull(strstr(err, "vocabulary"));
+    ck_assert_uint_eq(R.rows[0], 0);
+    kvch_llama_free(m);
+}
+END_TEST
+
+/* A failing finalize_layer stops the feed with the plugin's words. */
+static kvc_status rec_finalize_layer_fails(kvc_instance *inst, uint32_t layer)
+{
+    (void)inst;
+    return layer == 1 ? KVC_E_INTERNAL : rec_finalize_layer(inst, layer);
+}
+static const char *rec_msg_fail(const kvc_instance *inst)
+{
+    (void)inst;
+    return "factorization failed";
+}
+
+START_TEST(prepare_sequential_reports_plugin_errors)
+{
+    kvch_llama *m = tiny_model(0);
+    int32_t tok[30];
+    tiny_tokens(tok, 30);
+    kvc_plugin p = rec_plugin;
+    p.finalize_layer = rec_finalize_layer_fails;
+    p.instance_message = rec_msg_fail;
+    kvch_prepare_params pp = {.n_ctx = 20, .sequential = 1};
+    kvch_prepare_result r;
+    char err[256];
+    rec_reset(m);
+    ck_assert_int_eq(kvch_prepare(&p, (kvc_instance *)&R, m, tok, 30, &pp, &r, err, sizeof err),
+                     KVC_E_INTERNAL);
+    ck_assert_ptr_nonnull(strstr(err, "finalize_layer(layer 1)"));
+    ck_assert_ptr_nonnull(strstr(err, "factorization failed"));
+    ck_assert_int_eq(R.finalized, 0);
+    ck_assert_int_eq(R.seqs_open, 0);
+    kvch_llama_free(m);
+}
+END_TEST
+
+/* embed + kvch_llama_eval_layer for every layer + final norm and output equals
+ * kvch_llama_eval, bit for bit, also across two micro-batches (pos0 > 0). */
+START_TEST(layer_by_layer_equals_eval)
+{
+    kvch_llama *m = tiny_model(_i);
+    const size_t V = m->hp.n_vocab, E = m->hp.n_embd;
+    const uint32_t n = TINY_N, nb = 40; /* batches of 40 and 30 */
+    int32_t tok[TINY_N];
+    tiny_tokens(tok, TINY_N);
+    float *want = malloc(n * V * sizeof *want), *got = malloc(n * V * sizeof *got);
+    float *x = malloc(n * E * sizeof *x), *xn = malloc(nb * E * sizeof *xn);
+    float *xs = malloc(nb * E * sizeof *xs);
+    kvc_geometry geo;
+    kvch_llama_geometry(m, 0, &geo);
+    kvch_kv *kv = NULL;
+    char err[256];
+    ck_assert_int_eq(kvch_kv_exact(&geo, &kv, err, sizeof err), KVC_OK);
+    tiny_eval(m, kv, nb, 0, tok, n, want);
+    ck_assert_int_eq(kvch_kv_reset(kv, err, sizeof err), KVC_OK);
+
+    kvch_llama_ctx *c = NULL;
+    ck_assert_int_eq(kvch_llama_ctx_new(m, nb, &c, err, sizeof err), KVC_OK);
+    kvch_llama_embed(m, tok, n, x);
+    for (uint32_t l = 0; l < m->hp.n_layer; l++)
+        for (uint32_t at = 0; at < n; at += nb) {
+            uint32_t k = n - at < nb ? n - at : nb;
+            memcpy(xs, x + at * E, k * E * sizeof *xs);
+            ck_assert_msg(kvch_llama_eval_layer(c, kv, l, k, (int32_t)at, NULL, x + at * E, xn, err,
+                                           sizeof err) == KVC_OK, "%s", err);
+            /* xn_out is the layer's attention input */
+            float *want_xn = malloc(k * E * sizeof *want_xn);
+            kvch_rmsnorm(xs, m->layers[l].attn_norm, m->hp.rms_eps, k, E, want_xn);
+            ck_assert(memcmp(xn, want_xn, k * E * sizeof *xn) == 0);
+            free(want_xn);
+        }
+    for (uint32_t at = 0; at < n; at += nb) {
+        uint32_t k = n - at < nb ? n - at : nb;
+        kvch_rmsnorm(x + at * E, m->out_norm, m->hp.rms_eps, k, E, xn);
+        kvch_linear(xn, m->output, NULL, k, E, V, got + at * V);
+    }
+    ck_assert_msg(memcmp(got, want, n * V * sizeof *got) == 0,
+                  "layer by layer differs from eval: relative %.3e", rel_err_f(got, want, n * V));
+
+    /* n above the context's batch, a layer out of range: refused, x unchanged */
+    memcpy(xs, x, nb * E * sizeof *xs);
+    ck_assert_int_eq(kvch_llama_eval_layer(c, kv, 0, nb + 1, 100, NULL, x, NULL, err, sizeof err),
+                     KVC_E_INVALID);
+    ck_assert_int_eq(kvch_llama_eval_layer(c, kv, m->hp.n_layer, 1, 100, NULL, x, NULL, err,
+                                      sizeof err), KVC_E_INVALID);
+    ck_assert_ptr_nonnull(strstr(err, "layer"));
+    /* a store error (position not after the held ones) leaves x alone */
+    ck_assert_int_eq(kvch_llama_eval_layer(c, kv, 0, 1, 0, NULL, x, NULL, err, sizeof err),
+                     KVC_E_INVALID);
+    ck_assert(memcmp(xs, x, nb * E * sizeof *xs) == 0);
+    kvch_llama_ctx_free(c);
+    kvch_kv_free(kv);
+    kvch_llama_free(m);
+    free(want), free(got), free(x), free(xn), free(xs);
 }
 END_TEST
 
@@ -703,6 +979,9 @@ int main(int argc, char **argv)
         tcase_add_test(t, tiny_batched_equals_token_by_token);
         tcase_add_test(t, tiny_full_plugin_equals_exact_path);
         tcase_add_test(t, prepare_feeds_weights_then_activations);
+        tcase_add_test(t, prepare_sequential_feeds_layer_by_layer);
+        tcase_add_test(t, prepare_sequential_reports_plugin_errors);
+        tcase_add_loop_test(t, layer_by_layer_equals_eval, 0, 2);
         tcase_add_test(t, eval_rejects_bad_tokens);
         suite_add_tcase(s, t);
     }
