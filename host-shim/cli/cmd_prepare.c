@@ -9,13 +9,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "calib.h"
 #include "cmds.h"
 #include "session.h"
 
-#define LIC "/usr/share/common-licenses/"
-static const char *const DEFAULT_CALIB[] = {LIC "Apache-2.0", LIC "MPL-2.0", LIC "GFDL-1.3",
-                                            LIC "CC0-1.0", LIC "Artistic"};
-#define EVAL_TEXT LIC "GPL-3"
+#define LIC KVCH_LICENSE_DIR
 #define MAX_CALIB 64
 
 static void usage(FILE *f)
@@ -29,7 +27,12 @@ static void usage(FILE *f)
             "  finalizes it and writes its artifact to ARTIFACT.\n"
             "  Calibration defaults to Apache-2.0, MPL-2.0, GFDL-1.3, CC0-1.0 and Artistic\n"
             "  from " LIC " (never GPL-3, the evaluation text); --calib-tokens caps\n"
-            "  the tokens used (default: all).\n");
+            "  the tokens used (default: all). When the plugin has a calib_note option and\n"
+            "  none is given, it is set to the files and token counts used, which the plugin\n"
+            "  records in the artifact.\n"
+            "  kvc ppl and kvc generate prepare such a plugin themselves when given no\n"
+            "  --artifact, and cache the artifact (see KVC_ARTIFACT_CACHE); kvc prepare\n"
+            "  always prepares and never reads or writes that cache.\n");
 }
 
 static void progress(void *user, const char *stage, uint64_t done, uint64_t total)
@@ -88,20 +91,27 @@ static int run_prepare(kvc_session_args *a, int argc, char **argv)
         fprintf(stderr, "kvc prepare: --ctx must be positive\n");
         return 2;
     }
-    if (!n_calib)
-        for (size_t i = 0; i < sizeof DEFAULT_CALIB / sizeof DEFAULT_CALIB[0]; i++)
-            calib[n_calib++] = DEFAULT_CALIB[i];
+    if (a->artifact) {
+        fprintf(stderr, "kvc prepare: --artifact is for loading (kvc ppl, kvc generate); kvc "
+                        "prepare always prepares from the model\n");
+        return 2;
+    }
     for (int i = 0; i < n_calib; i++)
-        if (!strcmp(calib[i], EVAL_TEXT))
+        if (kvch_calib_is_eval_text(calib[i]))
             fprintf(stderr, "kvc prepare: warning: calibrating on %s, the text kvc ppl evaluates "
                             "on by default; its perplexity is then not a held-out figure\n",
-                    EVAL_TEXT);
+                    calib[i]);
+    a->no_autoprep = 1;
+    a->calib = n_calib ? calib : NULL;
+    a->n_calib = (size_t)n_calib;
+    a->calib_tokens = (uint64_t)max_tokens;
+    a->calib_ctx = (uint32_t)n_ctx;
 
     kvc_session s;
-    int32_t *all = NULL;
-    size_t n_all = 0;
     void *blob = NULL;
     char err[1024];
+    /* Tokenizes the calibration text into s.calib (and sets calib_note) when
+     * the plugin needs calibration. */
     if (session_open(&s, "prepare", a, (uint32_t)n_ctx))
         goto done;
     const uint64_t caps = s.p->caps;
@@ -117,33 +127,18 @@ static int run_prepare(kvc_session_args *a, int argc, char **argv)
         goto done;
     }
     if (caps & KVC_CAP_NEEDS_CALIBRATION) {
-        for (int i = 0; i < n_calib; i++) {
-            char *text = NULL;
-            size_t len = 0, n = 0;
-            int32_t *ids = NULL;
-            if (kvch_read_file(calib[i], &text, &len, err, sizeof err)) {
-                fprintf(stderr, "kvc prepare: --calib %s\n", err);
-                goto done;
-            }
-            kvc_status st = kvch_tok_encode(s.model.tok, text, len, 0, &ids, &n);
-            free(text);
-            int32_t *grown = st ? NULL : realloc(all, (n_all + n + 1) * sizeof *all);
-            if (!grown) {
-                free(ids);
-                fprintf(stderr, "kvc prepare: out of memory tokenizing %s\n", calib[i]);
-                goto done;
-            }
-            all = grown;
-            memcpy(all + n_all, ids, n * sizeof *ids);
-            n_all += n;
-            free(ids);
-            printf("calibration  %s: %zu tokens\n", calib[i], n);
-        }
+        int noted = session_has_option(s.p, "calib_note");
+        for (uint32_t i = 0; i < a->opts.n; i++)
+            noted &= !!strcmp(a->opts.names[i], "calib_note");
+        printf("calibration  %s%s\n", s.calib_note, noted ? " (the artifact's calib_note)" : "");
     }
     int tty = isatty(2);
-    kvch_prepare_params pp = {(uint32_t)n_ctx, (uint64_t)max_tokens, progress, &tty};
+    kvch_prepare_params pp = {.n_ctx = (uint32_t)n_ctx, .progress = progress, .user = &tty,
+                              .sequential = session_sequential(&s, a)};
+    if (pp.sequential && (caps & KVC_CAP_NEEDS_CALIBRATION))
+        printf("calibration  sequential (refit): layer by layer through the finalized layers\n");
     kvch_prepare_result r;
-    if (kvch_prepare(s.p, s.inst, s.model.llama, all, n_all, &pp, &r, err, sizeof err)) {
+    if (kvch_prepare(s.p, s.inst, s.model.llama, s.calib, s.n_calib, &pp, &r, err, sizeof err)) {
         fprintf(stderr, "kvc prepare: %s\n", err);
         goto done;
     }
@@ -154,10 +149,9 @@ static int run_prepare(kvc_session_args *a, int argc, char **argv)
         goto done;
     }
     FILE *f = fopen(out_path, "wb");
-    if (!f || fwrite(blob, 1, size, f) != size || fclose(f)) {
+    int bad = !f || fwrite(blob, 1, size, f) != size;
+    if ((f && fclose(f)) || bad) {
         fprintf(stderr, "kvc prepare: cannot write %s\n", out_path);
-        if (f)
-            fclose(f);
         goto done;
     }
     kvc_instance_stats is = {.struct_size = sizeof is};
@@ -172,7 +166,6 @@ static int run_prepare(kvc_session_args *a, int argc, char **argv)
     rc = 0;
 done:
     free(blob);
-    free(all);
     if (session_close(&s))
         rc = 1;
     return rc;
