@@ -1,11 +1,45 @@
 #!/usr/bin/env bash
-# Benchmarks (figures, not tests): decode-attention time per token of the
-# `full` plugin at 1k-64k context beside memcpy bandwidth.
+# Benchmarks (figures, not tests): decode time per token (append 1 token +
+# attend 1 query) on one layer of SmolLM2-135M's geometry, at 1k-64k
+# context, for `full` (fp32, fp16) and the low-rank plugins at kv_ratio
+# 0.75 / 0.5 / 0.35 (svdllm also with key_space=post), beside memcpy
+# bandwidth. Two tables: cache cold (configurations interleaved step by
+# step, CPU caches flushed before each step: a model whose other layers ran
+# in between; the ratios to `full` are measured side by side) and cache warm
+# (each configuration's steps back to back, as the earlier full-only bench).
+# Extra arguments go to both runs after these: `--contexts 4096,16384`
+# replaces the contexts, `--plugin 'NAME|opt=value|...'` adds a
+# configuration, `--reps N`.
 set -euo pipefail
 here=$(dirname "$0")
 bash "$here/setup.sh"
 bash "$here/build.sh"
 source "$here/env.sh"
-export KVC_PLUGIN_PATH="$KVC_BUILD/plugins/full"
+# Every plugin the build made is found by name: each build directory of
+# plugins/ holding a kvc-*.so goes on the search path.
+plugin_path=
+for d in "$KVC_BUILD"/plugins/*/; do
+  if compgen -G "${d}kvc-*.so" >/dev/null; then
+    plugin_path+=${plugin_path:+:}${d%/}
+  fi
+done
+export KVC_PLUGIN_PATH=$plugin_path
+# One BLAS thread: the low-rank plugins' GEMMs otherwise spread over cores
+# and the figures wander with the machine's load.
+export OPENBLAS_NUM_THREADS=1
+configs=(
+  'full'
+  'full|dtype=fp16'
+  'lorc|kv_ratio=0.75' 'lorc|kv_ratio=0.5' 'lorc|kv_ratio=0.35'
+  'svdllm|kv_ratio=0.75' 'svdllm|kv_ratio=0.5' 'svdllm|kv_ratio=0.35'
+  'svdllm|kv_ratio=0.5|key_space=post'
+)
+args=(--contexts 1024,4096,16384,65536 --reps 20)
+for c in "${configs[@]}"; do
+  args+=(--plugin "$c")
+done
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-"$KVC_BUILD/tests/bench/kvc-bench-decode" "$@"
+for cache in cold warm; do
+  echo
+  "$KVC_BUILD/tests/bench/kvc-bench-decode" --cache "$cache" "${args[@]}" "$@"
+done
