@@ -228,3 +228,31 @@ kvc_status kvcp_geom_read_check(kvcp_reader *r, const kvcp_geom *g, char *msg, s
         return kvcp_fail(msg, cap, KVC_E_INVALID, "blob was made for another RoPE mscale");
     return KVC_OK;
 }
+
+kvc_status kvcp_blob_write(void (*payload)(void *ctx, kvcp_writer *w), void *ctx, uint32_t kind,
+                           uint32_t version, const char *plugin_id, void *buf, size_t buf_size,
+                           size_t *size, const char *what, char *msg, size_t cap)
+{
+    if (!size)
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "%s: size pointer is NULL", what);
+    kvcp_writer w;
+    kvcp_w_init(&w, NULL, 0);
+    payload(ctx, &w);
+    size_t total = KVCP_BLOB_HEADER + w.pos;
+    if (!buf) {
+        *size = total;
+        return KVC_OK;
+    }
+    if (buf_size < total) {
+        *size = total;
+        return kvcp_fail(msg, cap, KVC_E_BUFFER, "%s: buffer of %zu bytes, %zu needed", what,
+                         buf_size, total);
+    }
+    kvcp_w_init(&w, (uint8_t *)buf + KVCP_BLOB_HEADER, buf_size - KVCP_BLOB_HEADER);
+    payload(ctx, &w);
+    if (w.overflow)
+        return kvcp_fail(msg, cap, KVC_E_INTERNAL, "%s: size changed while writing", what);
+    kvcp_blob_seal(buf, kind, version, plugin_id, w.pos);
+    *size = total;
+    return KVC_OK;
+}

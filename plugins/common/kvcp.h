@@ -9,6 +9,7 @@
 #ifndef KVCP_H
 #define KVCP_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -86,6 +87,43 @@ uint64_t kvcp_fp16_bytes_per_token_layer(const kvcp_geom *g);
 kvc_status kvcp_check_positions(const kvcp_geom *g, const int32_t *positions, uint32_t n,
                                 int64_t after, char *msg, size_t cap);
 
+/* ---- open sequences and batches ------------------------------------------ */
+
+/* An instance's open sequences, so destroy can free those left open: an
+ * intrusive list behind a mutex (seq_open/close are [any-thread] on one
+ * instance). The link is a member of the plugin's struct kvc_seq. */
+typedef struct kvcp_link {
+    struct kvcp_link *prev, *next;
+} kvcp_link;
+
+typedef struct kvcp_seqlist {
+    pthread_mutex_t lock;
+    kvcp_link *head;
+} kvcp_seqlist;
+
+/* 0, or -1 when the mutex cannot be made. */
+int kvcp_seqlist_init(kvcp_seqlist *l);
+void kvcp_seqlist_destroy(kvcp_seqlist *l);
+void kvcp_seqlist_add(kvcp_seqlist *l, kvcp_link *x);
+void kvcp_seqlist_remove(kvcp_seqlist *l, kvcp_link *x);
+/* Unlinks and returns the first entry, NULL when empty (destroy only). */
+kvcp_link *kvcp_seqlist_pop(kvcp_seqlist *l);
+
+/* What attend_batch needs to know of a plugin's sequences. */
+typedef struct kvcp_batch_ops {
+    const kvc_instance *(*inst)(const kvc_seq *s);
+    char *(*msg)(kvc_seq *s); /* the sequence's KVCP_MSG_SIZE message buffer */
+    kvc_status (*check)(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *positions,
+                        const void *q_pre, const void *out);
+} kvcp_batch_ops;
+
+/* Checks every item of an attend_batch before anything is written: item
+ * struct, sequence of this instance, no sequence twice, ops->check; the
+ * failing item's sequence carries the message. *max_q = largest n_q. */
+kvc_status kvcp_batch_check(const kvc_instance *in, uint32_t layer, uint32_t n_items,
+                            const kvc_attend_item *const *items, const kvcp_batch_ops *ops,
+                            uint32_t *max_q);
+
 /* ---- options --------------------------------------------------------------- */
 
 /* One parsed option value. */
@@ -153,6 +191,24 @@ const void *kvcp_r_view(kvcp_reader *r, size_t n);
  * blob + KVCP_BLOB_HEADER (payload_size bytes). */
 void kvcp_blob_seal(void *blob, uint32_t kind, uint32_t version, const char *plugin_id,
                     uint64_t payload_size);
+
+/* Size-then-copy of a whole blob (export, save): payload(ctx, w) writes
+ * the payload, called once to count (w->buf NULL) and once to write.
+ * buf == NULL: *size = bytes needed. buf_size too small: *size = needed,
+ * KVC_E_BUFFER. Messages start with `what` ("export", "save"). */
+kvc_status kvcp_blob_write(void (*payload)(void *ctx, kvcp_writer *w), void *ctx, uint32_t kind,
+                           uint32_t version, const char *plugin_id, void *buf, size_t buf_size,
+                           size_t *size, const char *what, char *msg, size_t cap);
+
+/* Fills a caller's stats struct of out_size (its struct_size) from a full
+ * one, never past what the caller's struct holds; keeps its struct_size. */
+void kvcp_stats_out(void *out, const void *full, size_t full_size);
+
+/* Checks an attend request against the geometry: layer, query count,
+ * NULL pointers, query positions, finiteness of q_pre. */
+kvc_status kvcp_check_attend(const kvcp_geom *g, uint32_t layer, uint32_t n_q,
+                             const int32_t *positions, const void *q_pre, const void *out,
+                             char *msg, size_t cap);
 
 /* Checks a blob of `size` bytes: header length, magic, header CRC, kind,
  * plugin id, format version <= max_version, payload length, payload CRC.

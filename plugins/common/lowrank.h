@@ -29,10 +29,10 @@
 #include <pthread.h>
 
 #include "kvcp.h"
+#include "pages.h"
 
 #define LR_ARTIFACT_VERSION 1u
 #define LR_EXPORT_VERSION 1u
-#define LR_TABLE_INIT 8u
 #define LR_NOTE_MAX 512u
 #define LR_MAX_GROUP 64u /* KV heads per group at most */
 
@@ -93,31 +93,11 @@ typedef struct lr_layer {
     double shift_k;      /* Cholesky shift used (whitening), 0 = none */
 } lr_layer;
 
-/* A storage block: block_tokens rows of the layer's row_elems latents. */
-typedef struct lr_block {
-    int32_t pos0;  /* position of row 0 */
-    int32_t *pos;  /* [block_tokens], or NULL while contiguous from pos0 */
-    void *data;    /* [block_tokens][row_elems] fp32 or fp16 */
-} lr_block;
-
-typedef struct lr_seq_layer {
-    uint32_t n;          /* tokens held */
-    uint32_t n_blocks;   /* ceil(n / block_tokens) */
-    uint32_t cap_blocks; /* entries of `blocks` */
-    int32_t last_pos;    /* -1 when empty */
-    lr_block *blocks;    /* [cap_blocks] */
-} lr_seq_layer;
-
-/* Byte counters of a sequence (what seq_stats reports). */
-typedef struct lr_bytes {
-    uint64_t blocks, pos, table;
-} lr_bytes;
-
 struct kvc_seq {
+    kvcp_link link;       /* in the instance's open sequences */
     kvc_instance *inst;
-    lr_seq_layer *layers; /* [n_layers] */
-    lr_bytes bytes;
-    struct kvc_seq *prev, *next;
+    kvcp_pages *layers; /* [n_layers] */
+    kvcp_page_bytes bytes;
     char msg[KVCP_MSG_SIZE];
 };
 
@@ -139,8 +119,7 @@ struct kvc_instance {
     uint64_t bytes_prep;   /* preparation buffers held */
     double kv_ratio;       /* declared (KVC-REQ-9) */
     uint64_t seq_overhead;
-    pthread_mutex_t lock;  /* the open-sequence list */
-    struct kvc_seq *seqs;
+    kvcp_seqlist seqs;     /* open sequences */
     char msg[KVCP_MSG_SIZE];
 };
 
@@ -202,19 +181,18 @@ kvc_status lr_truncate(kvc_seq *s, int32_t position);
 kvc_status lr_fork(const kvc_seq *src, kvc_seq *dst);
 /* Stores n latent rows [n][row_elems] (fp32) at positions into L;
  * all-or-nothing on NOMEM. Shared by append and import. */
-kvc_status lr_store_rows(const kvc_instance *in, uint32_t layer, lr_seq_layer *L, lr_bytes *b,
+kvc_status lr_store_rows(const kvc_instance *in, uint32_t layer, kvcp_pages *L, kvcp_page_bytes *b,
                          uint32_t n, const int32_t *positions, const float *rows);
-void lr_layers_release(const kvc_instance *in, lr_seq_layer *layers, lr_bytes *b);
-/* Row i of a block as fp32 into dst [row_elems]. */
-void lr_read_row(const kvc_instance *in, uint32_t layer, const lr_block *bk, uint32_t i,
-                 float *dst);
-static inline int32_t lr_block_pos(const lr_block *b, uint32_t i)
-{
-    return b->pos ? b->pos[i] : b->pos0 + (int32_t)i;
-}
+void lr_layers_release(const kvc_instance *in, kvcp_pages *layers, kvcp_page_bytes *b);
 static inline size_t lr_block_bytes(const kvc_instance *in, uint32_t layer)
 {
     return (size_t)in->cfg.block_tokens * in->layers[layer].row_elems * in->elem;
+}
+/* The page format of a layer: blocks of block_tokens latent rows. */
+static inline kvcp_page_fmt lr_page_fmt(const kvc_instance *in, uint32_t layer)
+{
+    kvcp_page_fmt f = {&in->host, in->cfg.block_tokens, lr_block_bytes(in, layer)};
+    return f;
 }
 /* Offsets of group g's K and V latents inside a row of layer L. */
 uint32_t lr_off_k(const lr_layer *L, uint32_t g);

@@ -65,36 +65,30 @@ static void scratch_carve(const kvc_instance *in, uint32_t layer, uint32_t max_q
 static kvc_status check_attend(kvc_seq *s, uint32_t layer, uint32_t n_q,
                                const int32_t *positions, const void *q_pre, const void *out)
 {
-    const kvc_instance *in = s->inst;
-    const kvcp_geom *g = &in->g;
-    if (layer >= g->n_layers)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID, "attend: layer %u >= n_layers %u",
-                         layer, g->n_layers);
-    if (!in->layers[layer].finalized)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_STATE,
-                         "attend: layer %u has no factors yet (prepare and finalize it first)",
-                         layer);
-    if (n_q == 0 || n_q > g->max_positions)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "attend: query count %u is not in [1, max_positions %u]", n_q,
-                         g->max_positions);
-    if (!positions || !q_pre || !out)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "attend: positions, q_pre and out must not be NULL");
-    for (uint32_t i = 0; i < n_q; i++)
-        if (positions[i] < 0 || (uint32_t)positions[i] >= g->max_positions)
-            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                             "attend: query position %d (query %u) is outside [0, %u)",
-                             (int)positions[i], i, g->max_positions);
-    if (!kvck_all_finite(q_pre, (size_t)n_q * g->n_q * g->head_dim))
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "attend: q_pre holds NaN or Inf (layer %u)", layer);
-    return KVC_OK;
+    kvc_status st = kvcp_check_attend(&s->inst->g, layer, n_q, positions, q_pre, out, s->msg,
+                                      sizeof s->msg);
+    if (!st && !s->inst->layers[layer].finalized)
+        st = kvcp_fail(s->msg, sizeof s->msg, KVC_E_STATE,
+                       "attend: layer %u has no factors yet (prepare and finalize it first)",
+                       layer);
+    return st;
 }
+
+static const kvc_instance *seq_inst(const kvc_seq *s)
+{
+    return s->inst;
+}
+
+static char *seq_msg(kvc_seq *s)
+{
+    return s->msg;
+}
+
+static const kvcp_batch_ops batch_ops = {seq_inst, seq_msg, check_attend};
 
 /* Rows of block b as fp32 [nb][row_elems] (stored rows, or widened), and
  * their positions. */
-static const float *block_rows(const kvc_instance *in, uint32_t layer, const lr_block *fb,
+static const float *block_rows(const kvc_instance *in, uint32_t layer, const kvcp_block *fb,
                                uint32_t nb, float *buf, int32_t *kpos, const int32_t **kp)
 {
     const size_t e = in->layers[layer].row_elems;
@@ -117,7 +111,7 @@ static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const in
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
     const lr_layer *Lf = &in->layers[layer];
-    const lr_seq_layer *L = &s->layers[layer];
+    const kvcp_pages *L = &s->layers[layer];
     const size_t d = g->head_dim, G = g->group, B = in->cfg.block_tokens, gh = in->cfg.group_heads;
     const size_t m = in->m, e = Lf->row_elems, rk = Lf->rk, rv = Lf->rv;
     const int post = in->cfg.key_space == LR_POST_ROPE;
@@ -154,11 +148,11 @@ static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const in
                                sc->attn + kh * sc->attn_each);
             }
             for (uint32_t b = 0; b < L->n_blocks; b++) {
-                const lr_block *fb = &L->blocks[b];
+                const kvcp_block *fb = &L->blocks[b];
                 const uint32_t nb = (b + 1 == L->n_blocks) ? L->n - b * (uint32_t)B : (uint32_t)B;
-                if (lr_block_pos(fb, 0) > qmax)
+                if (kvcp_block_pos(fb, 0) > qmax)
                     break;
-                if (g->window && (int64_t)qmin - lr_block_pos(fb, nb - 1) >= (int64_t)g->window)
+                if (g->window && (int64_t)qmin - kvcp_block_pos(fb, nb - 1) >= (int64_t)g->window)
                     continue;
                 const int32_t *kp;
                 const float *r = block_rows(in, layer, fb, nb, sc->blk, sc->kpos, &kp);
@@ -213,26 +207,10 @@ kvc_status lr_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *po
 kvc_status lr_attend_batch(kvc_instance *in, uint32_t layer, uint32_t n_items,
                            const kvc_attend_item *const *items)
 {
-    if (!in || (n_items && !items))
-        return KVC_E_INVALID;
     uint32_t max_q = 0;
-    for (uint32_t i = 0; i < n_items; i++) {
-        const kvc_attend_item *it = items[i];
-        if (!it || it->struct_size < KVCP_V10_SIZE(kvc_attend_item, out) || !it->seq)
-            return KVC_E_INVALID;
-        kvc_seq *s = it->seq;
-        if (s->inst != in)
-            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                             "attend_batch: item %u's sequence belongs to another instance", i);
-        for (uint32_t j = 0; j < i; j++)
-            if (items[j]->seq == s)
-                return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                                 "attend_batch: items %u and %u name the same sequence", j, i);
-        kvc_status st = check_attend(s, layer, it->n_q, it->positions, it->q_pre, it->out);
-        if (st)
-            return st;
-        max_q = it->n_q > max_q ? it->n_q : max_q;
-    }
+    kvc_status st = kvcp_batch_check(in, layer, n_items, items, &batch_ops, &max_q);
+    if (st)
+        return st;
     if (!n_items)
         return KVC_OK;
     size_t bytes = scratch_floats(in, layer, max_q) * sizeof(float);
@@ -264,7 +242,7 @@ kvc_status lr_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
     if (layer >= g->n_layers)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
                          "materialize: layer %u >= n_layers %u", layer, g->n_layers);
-    const lr_seq_layer *L = &s->layers[layer];
+    const kvcp_pages *L = &s->layers[layer];
     if (out->positions && out->capacity < L->n)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_BUFFER,
                          "materialize: capacity %u is below the %u tokens held", out->capacity,
@@ -288,7 +266,7 @@ kvc_status lr_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
     float *kh_buf = buf + B * e, *vh_buf = kh_buf + B * m;
     int32_t *kpos = (int32_t *)(vh_buf + B * m);
     for (uint32_t b = 0; b < L->n_blocks; b++) {
-        const lr_block *fb = &L->blocks[b];
+        const kvcp_block *fb = &L->blocks[b];
         const uint32_t nb = (b + 1 == L->n_blocks) ? L->n - b * (uint32_t)B : (uint32_t)B;
         const int32_t *kp;
         const float *r = block_rows(in, layer, fb, nb, buf, kpos, &kp);

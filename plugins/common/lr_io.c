@@ -72,8 +72,9 @@ static void w_floats(kvcp_writer *w, const float *p, size_t n)
 
 /* ---- artifact ----------------------------------------------------------------------- */
 
-static void write_artifact(const kvc_instance *in, kvcp_writer *w)
+static void write_artifact(void *ctx, kvcp_writer *w)
 {
+    const kvc_instance *in = ctx;
     const lr_config *c = &in->cfg;
     const size_t m = in->m;
     kvcp_geom_write(w, &in->g);
@@ -111,31 +112,11 @@ kvc_status lr_save(kvc_instance *in, void *buf, size_t buf_size, size_t *size)
 {
     if (!in)
         return KVC_E_INVALID;
-    if (!size)
-        return kvcp_fail(in->msg, sizeof in->msg, KVC_E_INVALID, "save: size pointer is NULL");
     if (!in->ready)
         return kvcp_fail(in->msg, sizeof in->msg, KVC_E_STATE,
                          "save: not ready (feed every layer and finalize first)");
-    kvcp_writer w;
-    kvcp_w_init(&w, NULL, 0);
-    write_artifact(in, &w);
-    size_t total = KVCP_BLOB_HEADER + w.pos;
-    if (!buf) {
-        *size = total;
-        return KVC_OK;
-    }
-    if (buf_size < total) {
-        *size = total;
-        return kvcp_fail(in->msg, sizeof in->msg, KVC_E_BUFFER,
-                         "save: buffer of %zu bytes, %zu needed", buf_size, total);
-    }
-    kvcp_w_init(&w, (uint8_t *)buf + KVCP_BLOB_HEADER, buf_size - KVCP_BLOB_HEADER);
-    write_artifact(in, &w);
-    if (w.overflow)
-        return kvcp_fail(in->msg, sizeof in->msg, KVC_E_INTERNAL, "save: size changed while writing");
-    kvcp_blob_seal(buf, KVCP_BLOB_ARTIFACT, LR_ARTIFACT_VERSION, in->meth->id, w.pos);
-    *size = total;
-    return KVC_OK;
+    return kvcp_blob_write(write_artifact, in, KVCP_BLOB_ARTIFACT, LR_ARTIFACT_VERSION,
+                           in->meth->id, buf, buf_size, size, "save", in->msg, sizeof in->msg);
 }
 
 static const char *const SET_NAMES[LR_SET_N] = {"dtype", "alloc", "key_space", "refit",
@@ -240,20 +221,21 @@ kvc_status lr_load_artifact(kvc_instance *in, const void *blob, size_t size,
 
 /* ---- sequence export / import --------------------------------------------------------- */
 
-static void write_payload(const kvc_seq *s, kvcp_writer *w)
+static void write_payload(void *ctx, kvcp_writer *w)
 {
+    const kvc_seq *s = ctx;
     const kvc_instance *in = s->inst;
     kvcp_geom_write(w, &in->g);
     kvcp_w_u32(w, (uint32_t)in->cfg.dtype);
     kvcp_w_u32(w, in->fingerprint);
     const uint32_t B = in->cfg.block_tokens;
     for (uint32_t l = 0; l < in->g.n_layers; l++) {
-        const lr_seq_layer *L = &s->layers[l];
+        const kvcp_pages *L = &s->layers[l];
         const size_t row_bytes = (size_t)in->layers[l].row_elems * in->elem;
         kvcp_w_u32(w, in->layers[l].row_elems);
         kvcp_w_u32(w, L->n);
         for (uint32_t t = 0; t < L->n; t++)
-            kvcp_w_i32(w, lr_block_pos(&L->blocks[t / B], t % B));
+            kvcp_w_i32(w, kvcp_block_pos(&L->blocks[t / B], t % B));
         for (uint32_t t = 0; t < L->n; t++)
             kvcp_w_bytes(w, (const char *)L->blocks[t / B].data + (size_t)(t % B) * row_bytes,
                          row_bytes);
@@ -264,32 +246,13 @@ kvc_status lr_export(kvc_seq *s, void *buf, size_t buf_size, size_t *size)
 {
     if (!s)
         return KVC_E_INVALID;
-    if (!size)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID, "export: size pointer is NULL");
-    kvcp_writer w;
-    kvcp_w_init(&w, NULL, 0);
-    write_payload(s, &w);
-    size_t total = KVCP_BLOB_HEADER + w.pos;
-    if (!buf) {
-        *size = total;
-        return KVC_OK;
-    }
-    if (buf_size < total) {
-        *size = total;
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_BUFFER,
-                         "export: buffer of %zu bytes, %zu needed", buf_size, total);
-    }
-    kvcp_w_init(&w, (uint8_t *)buf + KVCP_BLOB_HEADER, buf_size - KVCP_BLOB_HEADER);
-    write_payload(s, &w);
-    if (w.overflow)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INTERNAL, "export: size changed while writing");
-    kvcp_blob_seal(buf, KVCP_BLOB_SEQUENCE, LR_EXPORT_VERSION, s->inst->meth->id, w.pos);
-    *size = total;
-    return KVC_OK;
+    return kvcp_blob_write(write_payload, s, KVCP_BLOB_SEQUENCE, LR_EXPORT_VERSION,
+                           s->inst->meth->id, buf, buf_size, size, "export", s->msg,
+                           sizeof s->msg);
 }
 
-static kvc_status import_layer(kvc_seq *s, kvcp_reader *r, uint32_t l, lr_seq_layer *L,
-                               lr_bytes *cnt)
+static kvc_status import_layer(kvc_seq *s, kvcp_reader *r, uint32_t l, kvcp_pages *L,
+                               kvcp_page_bytes *cnt)
 {
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
@@ -374,11 +337,11 @@ kvc_status lr_import(kvc_seq *s, const void *blob, size_t size)
                          "import: the blob was made with other factors or storage (dtype %u, "
                          "factors %08x; this instance %d, %08x)",
                          dtype, fp, in->cfg.dtype, in->fingerprint);
-    const size_t layers_bytes = (size_t)in->g.n_layers * sizeof(lr_seq_layer);
-    lr_seq_layer *fresh = kvcp_alloc(&in->host, layers_bytes, KVC_USAGE_CACHE);
+    const size_t layers_bytes = (size_t)in->g.n_layers * sizeof(kvcp_pages);
+    kvcp_pages *fresh = kvcp_alloc(&in->host, layers_bytes, KVC_USAGE_CACHE);
     if (!fresh)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_NOMEM, "import: out of memory");
-    lr_bytes cnt = {0, 0, 0};
+    kvcp_page_bytes cnt = {0, 0, 0};
     for (uint32_t l = 0; l < in->g.n_layers; l++)
         fresh[l].last_pos = -1;
     for (uint32_t l = 0; l < in->g.n_layers && !st; l++)

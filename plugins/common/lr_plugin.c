@@ -15,12 +15,12 @@ double lr_meta_per_token(const kvc_instance *in)
 {
     /* A position per token once positions have gaps, and the block table's
      * share (two entries per block after doubling), as kvc-full counts. */
-    return sizeof(int32_t) + 2.0 * sizeof(lr_block) / in->cfg.block_tokens;
+    return sizeof(int32_t) + 2.0 * sizeof(kvcp_block) / in->cfg.block_tokens;
 }
 
 size_t lr_seq_fixed_bytes(const kvc_instance *in)
 {
-    return sizeof(struct kvc_seq) + (size_t)in->g.n_layers * sizeof(lr_seq_layer);
+    return sizeof(struct kvc_seq) + (size_t)in->g.n_layers * sizeof(kvcp_pages);
 }
 
 void lr_declare_budget(kvc_instance *in)
@@ -54,7 +54,7 @@ void lr_declare_budget(kvc_instance *in)
         double b = (double)in->layers[l].row_elems * (double)in->elem;
         over += (uint64_t)in->cfg.block_tokens * (in->layers[l].row_elems * in->elem +
                                                    sizeof(int32_t)) +
-                (LR_TABLE_INIT + 2) * sizeof(lr_block);
+                (KVCP_TABLE_INIT + 2) * sizeof(kvcp_block);
         if (b > avg)
             over += (uint64_t)ceil((b - avg) * g->max_positions);
     }
@@ -141,7 +141,7 @@ kvc_status lr_create(const lr_method *meth, const kvc_create_info *info, const l
     kvc_instance *in = kvcp_alloc(&host, sizeof *in, KVC_USAGE_INSTANCE);
     if (!in)
         return kvcp_fail(msg, cap, KVC_E_NOMEM, "out of memory for the instance");
-    if (pthread_mutex_init(&in->lock, NULL)) {
+    if (kvcp_seqlist_init(&in->seqs)) {
         kvcp_free(&host, in, sizeof *in);
         return kvcp_fail(msg, cap, KVC_E_INTERNAL, "pthread_mutex_init failed");
     }
@@ -199,7 +199,7 @@ static void seq_free(kvc_seq *s)
 {
     kvc_instance *in = s->inst;
     lr_layers_release(in, s->layers, &s->bytes);
-    kvcp_free(&in->host, s->layers, (size_t)in->g.n_layers * sizeof(lr_seq_layer));
+    kvcp_free(&in->host, s->layers, (size_t)in->g.n_layers * sizeof(kvcp_pages));
     kvcp_free(&in->host, s, sizeof *s);
 }
 
@@ -208,12 +208,8 @@ void lr_destroy(kvc_instance *in)
     if (!in)
         return;
     unsigned left = 0;
-    while (in->seqs) {
-        kvc_seq *s = in->seqs;
-        in->seqs = s->next;
-        seq_free(s);
-        left++;
-    }
+    for (kvcp_link *x; (x = kvcp_seqlist_pop(&in->seqs)); left++)
+        seq_free((kvc_seq *)x); /* link is the first member */
     if (left)
         kvcp_log(&in->host, KVC_LOG_WARN, "%s: destroy freed %u sequence(s) left open",
                  in->meth->id, left);
@@ -224,7 +220,7 @@ void lr_destroy(kvc_instance *in)
         }
         kvcp_free(&in->host, in->layers, (size_t)in->g.n_layers * sizeof(lr_layer));
     }
-    pthread_mutex_destroy(&in->lock);
+    kvcp_seqlist_destroy(&in->seqs);
     kvc_host host = in->host;
     kvcp_free(&host, in, sizeof *in);
 }
@@ -245,9 +241,7 @@ kvc_status lr_instance_stats(const kvc_instance *in, kvc_instance_stats *out)
     st.bytes_fixed = sizeof *in + (size_t)in->g.n_layers * sizeof(lr_layer) + in->bytes_prep;
     st.kv_ratio = in->kv_ratio;
     st.seq_overhead_bytes = in->seq_overhead;
-    uint32_t keep = out->struct_size;
-    memcpy(out, &st, keep < sizeof st ? keep : sizeof st);
-    out->struct_size = keep;
+    kvcp_stats_out(out, &st, sizeof st);
     return KVC_OK;
 }
 
@@ -260,7 +254,7 @@ kvc_status lr_seq_open(kvc_instance *in, kvc_seq **out)
     kvc_seq *s = kvcp_alloc(&in->host, sizeof *s, KVC_USAGE_CACHE);
     if (!s)
         return KVC_E_NOMEM;
-    s->layers = kvcp_alloc(&in->host, (size_t)in->g.n_layers * sizeof(lr_seq_layer),
+    s->layers = kvcp_alloc(&in->host, (size_t)in->g.n_layers * sizeof(kvcp_pages),
                            KVC_USAGE_CACHE);
     if (!s->layers) {
         kvcp_free(&in->host, s, sizeof *s);
@@ -269,12 +263,7 @@ kvc_status lr_seq_open(kvc_instance *in, kvc_seq **out)
     for (uint32_t l = 0; l < in->g.n_layers; l++)
         s->layers[l].last_pos = -1;
     s->inst = in;
-    pthread_mutex_lock(&in->lock);
-    s->next = in->seqs;
-    if (in->seqs)
-        in->seqs->prev = s;
-    in->seqs = s;
-    pthread_mutex_unlock(&in->lock);
+    kvcp_seqlist_add(&in->seqs, &s->link);
     *out = s;
     return KVC_OK;
 }
@@ -284,14 +273,7 @@ void lr_seq_close(kvc_seq *s)
     if (!s)
         return;
     kvc_instance *in = s->inst;
-    pthread_mutex_lock(&in->lock);
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        in->seqs = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    pthread_mutex_unlock(&in->lock);
+    kvcp_seqlist_remove(&in->seqs, &s->link);
     seq_free(s);
 }
 
@@ -321,9 +303,7 @@ kvc_status lr_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
     st.bytes_fixed = lr_seq_fixed_bytes(in);
     st.bytes_resident = st.bytes_payload + st.bytes_reserved + st.bytes_metadata + st.bytes_fixed;
     st.bytes_fp16_full = tokens * kvcp_fp16_bytes_per_token_layer(&in->g);
-    uint32_t keep = out->struct_size;
-    memcpy(out, &st, keep < sizeof st ? keep : sizeof st);
-    out->struct_size = keep;
+    kvcp_stats_out(out, &st, sizeof st);
     return KVC_OK;
 }
 

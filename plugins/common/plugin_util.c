@@ -194,3 +194,109 @@ kvc_status kvcp_check_positions(const kvcp_geom *g, const int32_t *positions, ui
     }
     return KVC_OK;
 }
+
+void kvcp_stats_out(void *out, const void *full, size_t full_size)
+{
+    uint32_t keep;
+    memcpy(&keep, out, sizeof keep); /* every stats struct starts with struct_size */
+    memcpy(out, full, keep < full_size ? keep : full_size);
+    memcpy(out, &keep, sizeof keep);
+}
+
+kvc_status kvcp_check_attend(const kvcp_geom *g, uint32_t layer, uint32_t n_q,
+                             const int32_t *positions, const void *q_pre, const void *out,
+                             char *msg, size_t cap)
+{
+    if (layer >= g->n_layers)
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "attend: layer %u >= n_layers %u", layer,
+                         g->n_layers);
+    if (n_q == 0 || n_q > g->max_positions)
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "attend: query count %u is not in [1, max_positions %u]", n_q,
+                         g->max_positions);
+    if (!positions || !q_pre || !out)
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "attend: positions, q_pre and out must not be NULL");
+    for (uint32_t i = 0; i < n_q; i++)
+        if (positions[i] < 0 || (uint32_t)positions[i] >= g->max_positions)
+            return kvcp_fail(msg, cap, KVC_E_INVALID,
+                             "attend: query position %d (query %u) is outside [0, %u)",
+                             (int)positions[i], i, g->max_positions);
+    if (!kvck_all_finite(q_pre, (size_t)n_q * g->n_q * g->head_dim))
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "attend: q_pre holds NaN or Inf (layer %u)",
+                         layer);
+    return KVC_OK;
+}
+
+int kvcp_seqlist_init(kvcp_seqlist *l)
+{
+    l->head = NULL;
+    return pthread_mutex_init(&l->lock, NULL) ? -1 : 0;
+}
+
+void kvcp_seqlist_destroy(kvcp_seqlist *l)
+{
+    pthread_mutex_destroy(&l->lock);
+}
+
+void kvcp_seqlist_add(kvcp_seqlist *l, kvcp_link *x)
+{
+    pthread_mutex_lock(&l->lock);
+    x->prev = NULL;
+    x->next = l->head;
+    if (l->head)
+        l->head->prev = x;
+    l->head = x;
+    pthread_mutex_unlock(&l->lock);
+}
+
+void kvcp_seqlist_remove(kvcp_seqlist *l, kvcp_link *x)
+{
+    pthread_mutex_lock(&l->lock);
+    if (x->prev)
+        x->prev->next = x->next;
+    else
+        l->head = x->next;
+    if (x->next)
+        x->next->prev = x->prev;
+    pthread_mutex_unlock(&l->lock);
+}
+
+kvcp_link *kvcp_seqlist_pop(kvcp_seqlist *l)
+{
+    kvcp_link *x = l->head;
+    if (x) {
+        l->head = x->next;
+        if (l->head)
+            l->head->prev = NULL;
+    }
+    return x;
+}
+
+kvc_status kvcp_batch_check(const kvc_instance *in, uint32_t layer, uint32_t n_items,
+                            const kvc_attend_item *const *items, const kvcp_batch_ops *ops,
+                            uint32_t *max_q)
+{
+    if (!in || (n_items && !items))
+        return KVC_E_INVALID;
+    uint32_t mq = 0;
+    for (uint32_t i = 0; i < n_items; i++) {
+        const kvc_attend_item *it = items[i];
+        if (!it || it->struct_size < KVCP_V10_SIZE(kvc_attend_item, out) || !it->seq)
+            return KVC_E_INVALID; /* no sequence to carry a message */
+        kvc_seq *s = it->seq;
+        if (ops->inst(s) != in)
+            return kvcp_fail(ops->msg(s), KVCP_MSG_SIZE, KVC_E_INVALID,
+                             "attend_batch: item %u's sequence belongs to another instance", i);
+        for (uint32_t j = 0; j < i; j++)
+            if (items[j]->seq == s)
+                return kvcp_fail(ops->msg(s), KVCP_MSG_SIZE, KVC_E_INVALID,
+                                 "attend_batch: items %u and %u name the same sequence", j, i);
+        kvc_status st = ops->check(s, layer, it->n_q, it->positions, it->q_pre, it->out);
+        if (st)
+            return st;
+        mq = it->n_q > mq ? it->n_q : mq;
+    }
+    *max_q = mq;
+    return KVC_OK;
+}

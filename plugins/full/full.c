@@ -33,13 +33,13 @@ static const kvc_option_desc *const full_options[N_OPTS] = {&opt_dtype, &opt_kv_
 static double declared_ratio(const kvcp_geom *g, size_t elem, uint32_t block_tokens)
 {
     double payload = 2.0 * g->n_kv * g->head_dim * (double)elem;
-    double meta = sizeof(int32_t) + 2.0 * sizeof(full_block) / block_tokens;
+    double meta = sizeof(int32_t) + 2.0 * sizeof(kvcp_block) / block_tokens;
     return (payload + meta) / (double)kvcp_fp16_bytes_per_token_layer(g);
 }
 
 size_t full_seq_fixed_bytes(const kvc_instance *inst)
 {
-    return sizeof(struct kvc_seq) + (size_t)inst->g.n_layers * sizeof(full_layer);
+    return sizeof(struct kvc_seq) + (size_t)inst->g.n_layers * sizeof(kvcp_pages);
 }
 
 /* ---- instance ------------------------------------------------------------- */
@@ -80,7 +80,7 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
     kvc_instance *in = kvcp_alloc(&host, sizeof *in, KVC_USAGE_INSTANCE);
     if (!in)
         return kvcp_fail(msg, msg_size, KVC_E_NOMEM, "out of memory for the instance");
-    if (pthread_mutex_init(&in->lock, NULL)) {
+    if (kvcp_seqlist_init(&in->seqs)) {
         kvcp_free(&host, in, sizeof *in);
         return kvcp_fail(msg, msg_size, KVC_E_INTERNAL, "pthread_mutex_init failed");
     }
@@ -96,7 +96,7 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
     in->seq_overhead = full_seq_fixed_bytes(in) +
                        (uint64_t)g.n_layers *
                            (in->block_bytes + (uint64_t)block_tokens * sizeof(int32_t) +
-                            (FULL_TABLE_INIT + 2) * sizeof(full_block));
+                            (KVCP_TABLE_INIT + 2) * sizeof(kvcp_block));
     *out = in;
     return KVC_OK;
 }
@@ -104,8 +104,8 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
 static void seq_free(kvc_seq *s)
 {
     kvc_instance *in = s->inst;
-    full_layers_release(in, s->layers, &s->bytes_blocks, &s->bytes_pos, &s->bytes_table);
-    kvcp_free(&in->host, s->layers, (size_t)in->g.n_layers * sizeof(full_layer));
+    full_layers_release(in, s->layers, &s->bytes);
+    kvcp_free(&in->host, s->layers, (size_t)in->g.n_layers * sizeof(kvcp_pages));
     kvcp_free(&in->host, s, sizeof *s);
 }
 
@@ -114,15 +114,11 @@ static void full_destroy(kvc_instance *in)
     if (!in)
         return;
     unsigned left = 0;
-    while (in->seqs) {
-        kvc_seq *s = in->seqs;
-        in->seqs = s->next;
-        seq_free(s);
-        left++;
-    }
+    for (kvcp_link *x; (x = kvcp_seqlist_pop(&in->seqs)); left++)
+        seq_free((kvc_seq *)x); /* link is the first member */
     if (left)
         kvcp_log(&in->host, KVC_LOG_WARN, "full: destroy freed %u sequence(s) left open", left);
-    pthread_mutex_destroy(&in->lock);
+    kvcp_seqlist_destroy(&in->seqs);
     kvc_host host = in->host;
     kvcp_free(&host, in, sizeof *in);
 }
@@ -177,9 +173,7 @@ static kvc_status full_instance_stats(const kvc_instance *in, kvc_instance_stats
     st.bytes_fixed = sizeof *in;
     st.kv_ratio = in->kv_ratio;
     st.seq_overhead_bytes = in->seq_overhead;
-    uint32_t keep = out->struct_size;
-    memcpy(out, &st, keep < sizeof st ? keep : sizeof st);
-    out->struct_size = keep;
+    kvcp_stats_out(out, &st, sizeof st);
     return KVC_OK;
 }
 
@@ -192,7 +186,7 @@ static kvc_status full_seq_open(kvc_instance *in, kvc_seq **out)
     kvc_seq *s = kvcp_alloc(&in->host, sizeof *s, KVC_USAGE_CACHE);
     if (!s)
         return KVC_E_NOMEM;
-    s->layers = kvcp_alloc(&in->host, (size_t)in->g.n_layers * sizeof(full_layer),
+    s->layers = kvcp_alloc(&in->host, (size_t)in->g.n_layers * sizeof(kvcp_pages),
                            KVC_USAGE_CACHE);
     if (!s->layers) {
         kvcp_free(&in->host, s, sizeof *s);
@@ -201,12 +195,7 @@ static kvc_status full_seq_open(kvc_instance *in, kvc_seq **out)
     for (uint32_t l = 0; l < in->g.n_layers; l++)
         s->layers[l].last_pos = -1;
     s->inst = in;
-    pthread_mutex_lock(&in->lock);
-    s->next = in->seqs;
-    if (in->seqs)
-        in->seqs->prev = s;
-    in->seqs = s;
-    pthread_mutex_unlock(&in->lock);
+    kvcp_seqlist_add(&in->seqs, &s->link);
     *out = s;
     return KVC_OK;
 }
@@ -216,14 +205,7 @@ static void full_seq_close(kvc_seq *s)
     if (!s)
         return;
     kvc_instance *in = s->inst;
-    pthread_mutex_lock(&in->lock);
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        in->seqs = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    pthread_mutex_unlock(&in->lock);
+    kvcp_seqlist_remove(&in->seqs, &s->link);
     seq_free(s);
 }
 
@@ -246,14 +228,12 @@ static kvc_status full_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
     st.tokens_appended = tokens;
     st.head_tokens_resident = tokens * in->g.n_kv;
     st.bytes_payload = tokens * 2ull * in->g.n_kv * in->g.head_dim * in->elem;
-    st.bytes_reserved = s->bytes_blocks - st.bytes_payload;
-    st.bytes_metadata = s->bytes_pos + s->bytes_table;
+    st.bytes_reserved = s->bytes.blocks - st.bytes_payload;
+    st.bytes_metadata = s->bytes.pos + s->bytes.table;
     st.bytes_fixed = full_seq_fixed_bytes(in);
     st.bytes_resident = st.bytes_payload + st.bytes_reserved + st.bytes_metadata + st.bytes_fixed;
     st.bytes_fp16_full = tokens * kvcp_fp16_bytes_per_token_layer(&in->g);
-    uint32_t keep = out->struct_size;
-    memcpy(out, &st, keep < sizeof st ? keep : sizeof st);
-    out->struct_size = keep;
+    kvcp_stats_out(out, &st, sizeof st);
     return KVC_OK;
 }
 

@@ -16,33 +16,18 @@
 #include <pthread.h>
 
 #include "kvcp.h"
+#include "pages.h"
 
 #define FULL_ID "full"
 #define FULL_EXPORT_VERSION 1u
 
 enum { FULL_F32 = 0, FULL_F16 = 1 };
 
-typedef struct full_block {
-    int32_t pos0;   /* position of the block's first token */
-    int32_t *pos;   /* [block_tokens] positions, or NULL while contiguous from pos0 */
-    void *kv;       /* K then V: 2 x [n_kv][block_tokens][head_dim], f32 or f16 */
-} full_block;
-
-typedef struct full_layer {
-    uint32_t n;          /* tokens held */
-    uint32_t n_blocks;   /* blocks in use: ceil(n / block_tokens) */
-    uint32_t cap_blocks; /* entries allocated in `blocks` */
-    int32_t last_pos;    /* position of the last token, -1 when empty */
-    full_block *blocks;  /* [cap_blocks] */
-} full_layer;
-
 struct kvc_seq {
+    kvcp_link link;              /* in the instance's open sequences */
     kvc_instance *inst;
-    full_layer *layers;          /* [n_layers] */
-    uint64_t bytes_blocks;       /* allocated K/V block bytes */
-    uint64_t bytes_pos;          /* allocated per-token position arrays */
-    uint64_t bytes_table;        /* allocated block tables */
-    struct kvc_seq *prev, *next; /* the instance's open sequences */
+    kvcp_pages *layers;          /* [n_layers] */
+    kvcp_page_bytes bytes;       /* allocated blocks, position arrays, tables */
     char msg[KVCP_MSG_SIZE];
 };
 
@@ -55,29 +40,28 @@ struct kvc_instance {
     size_t block_bytes;    /* bytes of one block's K+V */
     double kv_ratio;       /* declared budget (KVC-REQ-9) */
     uint64_t seq_overhead; /* declared per-sequence constant */
-    pthread_mutex_t lock;  /* guards the list of open sequences */
-    struct kvc_seq *seqs;
+    kvcp_seqlist seqs;     /* open sequences */
     char msg[KVCP_MSG_SIZE];
 };
 
 /* Bytes of the sequence struct plus its layer array. */
 size_t full_seq_fixed_bytes(const kvc_instance *inst);
 
-/* Initial block-table entries per layer. */
-#define FULL_TABLE_INIT 8u
 
 /* Pointers into a block: head h's keys or values, [block_tokens][head_dim]. */
-static inline void *full_block_k(const kvc_instance *in, const full_block *b, uint32_t h)
+static inline void *full_block_k(const kvc_instance *in, const kvcp_block *b, uint32_t h)
 {
-    return (char *)b->kv + (size_t)h * in->block_tokens * in->g.head_dim * in->elem;
+    return (char *)b->data + (size_t)h * in->block_tokens * in->g.head_dim * in->elem;
 }
-static inline void *full_block_v(const kvc_instance *in, const full_block *b, uint32_t h)
+static inline void *full_block_v(const kvc_instance *in, const kvcp_block *b, uint32_t h)
 {
-    return (char *)b->kv + ((size_t)in->g.n_kv + h) * in->block_tokens * in->g.head_dim * in->elem;
+    return (char *)b->data + ((size_t)in->g.n_kv + h) * in->block_tokens * in->g.head_dim * in->elem;
 }
-static inline int32_t full_block_pos(const full_block *b, uint32_t i)
+/* The page format: blocks of K then V, head-major, block_tokens each. */
+static inline kvcp_page_fmt full_page_fmt(const kvc_instance *in)
 {
-    return b->pos ? b->pos[i] : b->pos0 + (int32_t)i;
+    kvcp_page_fmt f = {&in->host, in->block_tokens, in->block_bytes};
+    return f;
 }
 
 /* full_store.c */
@@ -86,12 +70,10 @@ kvc_status full_append(kvc_seq *s, uint32_t layer, uint32_t n, const int32_t *po
 kvc_status full_truncate(kvc_seq *s, int32_t position);
 kvc_status full_fork(const kvc_seq *src, kvc_seq *dst);
 /* Frees every block and table of `layers` [n_layers] and zeroes them. */
-void full_layers_release(const kvc_instance *in, full_layer *layers, uint64_t *bytes_blocks,
-                         uint64_t *bytes_pos, uint64_t *bytes_table);
+void full_layers_release(const kvc_instance *in, kvcp_pages *layers, kvcp_page_bytes *cnt);
 /* Appends already-rotated keys k [n][n_kv][head_dim] (float) to a layer;
  * shared by append and import. All-or-nothing on NOMEM. */
-kvc_status full_store_rotated(const kvc_instance *in, full_layer *L, uint64_t *bytes_blocks,
-                              uint64_t *bytes_pos, uint64_t *bytes_table, uint32_t n,
+kvc_status full_store_rotated(const kvc_instance *in, kvcp_pages *L, kvcp_page_bytes *cnt, uint32_t n,
                               const int32_t *positions, const float *k_rot, const float *v);
 /* Element i of head h's keys or values [block_tokens][head_dim] as float. */
 void full_read_row(const kvc_instance *in, const void *base, uint32_t i, float *dst);

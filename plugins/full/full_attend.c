@@ -50,27 +50,21 @@ static void scratch_carve(const kvc_instance *in, uint32_t max_q, float *base, a
 static kvc_status check_attend(kvc_seq *s, uint32_t layer, uint32_t n_q,
                                const int32_t *positions, const void *q_pre, const void *out)
 {
-    const kvcp_geom *g = &s->inst->g;
-    if (layer >= g->n_layers)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID, "attend: layer %u >= n_layers %u",
-                         layer, g->n_layers);
-    if (n_q == 0 || n_q > g->max_positions)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "attend: query count %u is not in [1, max_positions %u]", n_q,
-                         g->max_positions);
-    if (!positions || !q_pre || !out)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "attend: positions, q_pre and out must not be NULL");
-    for (uint32_t i = 0; i < n_q; i++)
-        if (positions[i] < 0 || (uint32_t)positions[i] >= g->max_positions)
-            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                             "attend: query position %d (query %u) is outside [0, %u)",
-                             (int)positions[i], i, g->max_positions);
-    if (!kvck_all_finite(q_pre, (size_t)n_q * g->n_q * g->head_dim))
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "attend: q_pre holds NaN or Inf (layer %u)", layer);
-    return KVC_OK;
+    return kvcp_check_attend(&s->inst->g, layer, n_q, positions, q_pre, out, s->msg,
+                             sizeof s->msg);
 }
+
+static const kvc_instance *seq_inst(const kvc_seq *s)
+{
+    return s->inst;
+}
+
+static char *seq_msg(kvc_seq *s)
+{
+    return s->msg;
+}
+
+static const kvcp_batch_ops batch_ops = {seq_inst, seq_msg, check_attend};
 
 /* The attention itself; cannot fail once scratch exists. */
 static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *positions,
@@ -78,7 +72,7 @@ static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const in
 {
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
-    const full_layer *L = &s->layers[layer];
+    const kvcp_pages *L = &s->layers[layer];
     const size_t d = g->head_dim, G = g->group, B = in->block_tokens;
 
     kvck_rope_apply(&g->rope, n_q, g->n_q, positions, q_pre, sc->q_rot);
@@ -104,9 +98,9 @@ static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const in
             kvck_attn a;
             kvck_attn_init(&a, rows, G, d, d, B, g->window, positions + q0, sc->attn);
             for (uint32_t b = 0; b < L->n_blocks; b++) {
-                const full_block *fb = &L->blocks[b];
+                const kvcp_block *fb = &L->blocks[b];
                 uint32_t nb = (b + 1 == L->n_blocks) ? L->n - b * (uint32_t)B : (uint32_t)B;
-                int32_t first = full_block_pos(fb, 0), last = full_block_pos(fb, nb - 1);
+                int32_t first = kvcp_block_pos(fb, 0), last = kvcp_block_pos(fb, nb - 1);
                 if (first > qmax)
                     break; /* positions only grow from here */
                 if (g->window && (int64_t)qmin - last >= (int64_t)g->window)
@@ -161,26 +155,10 @@ kvc_status full_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *
 kvc_status full_attend_batch(kvc_instance *in, uint32_t layer, uint32_t n_items,
                              const kvc_attend_item *const *items)
 {
-    if (!in || (n_items && !items))
-        return KVC_E_INVALID;
     uint32_t max_q = 0;
-    for (uint32_t i = 0; i < n_items; i++) {
-        const kvc_attend_item *it = items[i];
-        if (!it || it->struct_size < KVCP_V10_SIZE(kvc_attend_item, out) || !it->seq)
-            return KVC_E_INVALID; /* no sequence to carry a message */
-        kvc_seq *s = it->seq;
-        if (s->inst != in)
-            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                             "attend_batch: item %u's sequence belongs to another instance", i);
-        for (uint32_t j = 0; j < i; j++)
-            if (items[j]->seq == s)
-                return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                                 "attend_batch: items %u and %u name the same sequence", j, i);
-        kvc_status st = check_attend(s, layer, it->n_q, it->positions, it->q_pre, it->out);
-        if (st)
-            return st;
-        max_q = it->n_q > max_q ? it->n_q : max_q;
-    }
+    kvc_status st = kvcp_batch_check(in, layer, n_items, items, &batch_ops, &max_q);
+    if (st)
+        return st;
     if (!n_items)
         return KVC_OK;
     size_t bytes = scratch_floats(in, max_q) * sizeof(float);
@@ -212,7 +190,7 @@ kvc_status full_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
     if (layer >= g->n_layers)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
                          "materialize: layer %u >= n_layers %u", layer, g->n_layers);
-    const full_layer *L = &s->layers[layer];
+    const kvcp_pages *L = &s->layers[layer];
     if (out->positions && out->capacity < L->n)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_BUFFER,
                          "materialize: capacity %u is below the %u tokens held", out->capacity,
@@ -223,10 +201,10 @@ kvc_status full_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
         return KVC_OK;
     const size_t d = g->head_dim, cap = out->capacity;
     for (uint32_t t = 0; t < L->n; t++) {
-        const full_block *fb = &L->blocks[t / in->block_tokens];
+        const kvcp_block *fb = &L->blocks[t / in->block_tokens];
         uint32_t i = t % in->block_tokens;
         for (uint32_t h = 0; h < g->n_kv; h++) {
-            out->positions[h * cap + t] = full_block_pos(fb, i);
+            out->positions[h * cap + t] = kvcp_block_pos(fb, i);
             if (out->k)
                 full_read_row(in, full_block_k(in, fb, h), i, out->k + (h * cap + t) * d);
             if (out->v)

@@ -12,22 +12,24 @@
 #include "full.h"
 
 /* Writes the payload; with w->buf == NULL it only counts. */
-static void write_payload(const kvc_seq *s, kvcp_writer *w, float *row)
+static void write_payload(void *ctx, kvcp_writer *w)
 {
+    const kvc_seq *s = ctx;
+    float row[KVCK_MAX_HEAD_DIM];
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
     const size_t row_bytes = (size_t)g->head_dim * in->elem;
     kvcp_geom_write(w, g);
     kvcp_w_u32(w, (uint32_t)in->dtype);
     for (uint32_t l = 0; l < g->n_layers; l++) {
-        const full_layer *L = &s->layers[l];
+        const kvcp_pages *L = &s->layers[l];
         kvcp_w_u32(w, L->n);
         for (uint32_t t = 0; t < L->n; t++)
-            kvcp_w_i32(w, full_block_pos(&L->blocks[t / in->block_tokens], t % in->block_tokens));
+            kvcp_w_i32(w, kvcp_block_pos(&L->blocks[t / in->block_tokens], t % in->block_tokens));
         for (int kv = 0; kv < 2; kv++)
             for (uint32_t h = 0; h < g->n_kv; h++)
                 for (uint32_t t = 0; t < L->n; t++) {
-                    const full_block *fb = &L->blocks[t / in->block_tokens];
+                    const kvcp_block *fb = &L->blocks[t / in->block_tokens];
                     const char *base = kv ? full_block_v(in, fb, h) : full_block_k(in, fb, h);
                     if (w->buf)
                         memcpy(row, base + (size_t)(t % in->block_tokens) * row_bytes, row_bytes);
@@ -40,34 +42,13 @@ kvc_status full_export(kvc_seq *s, void *buf, size_t buf_size, size_t *size)
 {
     if (!s)
         return KVC_E_INVALID;
-    if (!size)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID, "export: size pointer is NULL");
-    float row[KVCK_MAX_HEAD_DIM];
-    kvcp_writer w;
-    kvcp_w_init(&w, NULL, 0);
-    write_payload(s, &w, row);
-    size_t total = KVCP_BLOB_HEADER + w.pos;
-    if (!buf) {
-        *size = total;
-        return KVC_OK;
-    }
-    if (buf_size < total) {
-        *size = total;
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_BUFFER,
-                         "export: buffer of %zu bytes, %zu needed", buf_size, total);
-    }
-    kvcp_w_init(&w, (uint8_t *)buf + KVCP_BLOB_HEADER, buf_size - KVCP_BLOB_HEADER);
-    write_payload(s, &w, row);
-    if (w.overflow)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INTERNAL, "export: size changed while writing");
-    kvcp_blob_seal(buf, KVCP_BLOB_SEQUENCE, FULL_EXPORT_VERSION, FULL_ID, w.pos);
-    *size = total;
-    return KVC_OK;
+    return kvcp_blob_write(write_payload, s, KVCP_BLOB_SEQUENCE, FULL_EXPORT_VERSION, FULL_ID, buf,
+                           buf_size, size, "export", s->msg, sizeof s->msg);
 }
 
 /* Reads one layer from r into L (empty), via float scratch. */
-static kvc_status import_layer(kvc_seq *s, kvcp_reader *r, uint32_t l, full_layer *L,
-                               uint64_t *nb, uint64_t *np, uint64_t *nt)
+static kvc_status import_layer(kvc_seq *s, kvcp_reader *r, uint32_t l, kvcp_pages *L,
+                               kvcp_page_bytes *cnt)
 {
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
@@ -125,7 +106,7 @@ static kvc_status import_layer(kvc_seq *s, kvcp_reader *r, uint32_t l, full_laye
                        "import: layer %u holds NaN or Inf values", l);
         goto out;
     }
-    st = full_store_rotated(in, L, nb, np, nt, n, pos, k, v);
+    st = full_store_rotated(in, L, cnt, n, pos, k, v);
     if (st)
         kvcp_fail(s->msg, sizeof s->msg, st, "import: out of memory (layer %u)", l);
 out:
@@ -156,28 +137,26 @@ kvc_status full_import(kvc_seq *s, const void *blob, size_t size)
                          dtype == FULL_F16 ? "fp16" : dtype == FULL_F32 ? "fp32" : "unknown",
                          in->dtype == FULL_F16 ? "fp16" : "fp32");
 
-    size_t layers_bytes = (size_t)in->g.n_layers * sizeof(full_layer);
-    full_layer *fresh = kvcp_alloc(&in->host, layers_bytes, KVC_USAGE_CACHE);
+    size_t layers_bytes = (size_t)in->g.n_layers * sizeof(kvcp_pages);
+    kvcp_pages *fresh = kvcp_alloc(&in->host, layers_bytes, KVC_USAGE_CACHE);
     if (!fresh)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_NOMEM, "import: out of memory");
-    uint64_t nb = 0, np = 0, nt = 0;
+    kvcp_page_bytes cnt = {0, 0, 0};
     for (uint32_t l = 0; l < in->g.n_layers; l++)
-        fresh[l].last_pos = -1;
+        kvcp_pages_init(&fresh[l]);
     for (uint32_t l = 0; l < in->g.n_layers && !st; l++)
-        st = import_layer(s, &r, l, &fresh[l], &nb, &np, &nt);
+        st = import_layer(s, &r, l, &fresh[l], &cnt);
     if (!st && r.pos != r.size)
         st = kvcp_fail(s->msg, sizeof s->msg, KVC_E_CORRUPT,
                        "import: %zu unexpected bytes after the last layer", r.size - r.pos);
     if (st) {
-        full_layers_release(in, fresh, &nb, &np, &nt);
+        full_layers_release(in, fresh, &cnt);
         kvcp_free(&in->host, fresh, layers_bytes);
         return st;
     }
-    full_layers_release(in, s->layers, &s->bytes_blocks, &s->bytes_pos, &s->bytes_table);
+    full_layers_release(in, s->layers, &s->bytes);
     kvcp_free(&in->host, s->layers, layers_bytes);
     s->layers = fresh;
-    s->bytes_blocks = nb;
-    s->bytes_pos = np;
-    s->bytes_table = nt;
+    s->bytes = cnt;
     return KVC_OK;
 }
