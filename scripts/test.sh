@@ -34,3 +34,6 @@ TSAN_OPTIONS=halt_on_error=1 meson test -C "$tsan" --print-errorlogs tracker
 # kvc-conform's threads test: distinct sequences on distinct threads.
 TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" "$tsan/plugins/full/kvc-full.so" \
   --only semantics/threads
+# The low-rank core (shared by lorc and svdllm) under the same test.
+TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" "$tsan/plugins/lorc/kvc-lorc.so" \
+  --only semantics/threads
