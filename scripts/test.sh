@@ -22,7 +22,8 @@ asan=$KVC_ROOT/build-asan
 ninja -C "$asan" >/dev/null
 # Instrumented code runs 2-3x slower: Check's per-test limits scale with it.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  CK_TIMEOUT_MULTIPLIER=3 meson test -C "$asan" --print-errorlogs --no-suite install
+  CK_TIMEOUT_MULTIPLIER=3 meson test -C "$asan" --print-errorlogs --no-suite install \
+  --no-suite release-only
 
 echo "== threaded tests under TSan"
 tsan=$KVC_ROOT/build-tsan
