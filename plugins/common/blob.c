@@ -256,3 +256,17 @@ kvc_status kvcp_blob_write(void (*payload)(void *ctx, kvcp_writer *w), void *ctx
     *size = total;
     return KVC_OK;
 }
+
+kvc_status kvcp_import_positions(const kvcp_geom *g, const uint8_t *raw, uint32_t n,
+                                 uint32_t layer, int32_t *pos, char *msg, size_t cap)
+{
+    for (uint32_t t = 0; t < n; t++) {
+        kvcp_reader pr;
+        kvcp_r_init(&pr, raw + (size_t)t * 4, 4);
+        pos[t] = kvcp_r_i32(&pr);
+    }
+    char why[KVCP_MSG_SIZE];
+    if (kvcp_check_positions(g, pos, n, -1, why, sizeof why))
+        return kvcp_fail(msg, cap, KVC_E_CORRUPT, "import: layer %u: %s", layer, why);
+    return KVC_OK;
+}

@@ -219,6 +219,12 @@ kvc_status kvcp_blob_open(const void *blob, size_t size, uint32_t kind, uint32_t
                           const char *plugin_id, kvcp_reader *payload, uint32_t *version,
                           char *msg, size_t cap);
 
+/* Decodes n little-endian int32 positions of an imported layer from raw
+ * [n*4] into pos [n] and checks them (range, strictly increasing):
+ * CORRUPT naming the layer when they fail. */
+kvc_status kvcp_import_positions(const kvcp_geom *g, const uint8_t *raw, uint32_t n,
+                                 uint32_t layer, int32_t *pos, char *msg, size_t cap);
+
 /* Geometry record inside blobs, so a blob made for another model or shard
  * is refused by name. */
 void kvcp_geom_write(kvcp_writer *w, const kvcp_geom *g);

@@ -149,7 +149,7 @@ static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const in
             }
             for (uint32_t b = 0; b < L->n_blocks; b++) {
                 const kvcp_block *fb = &L->blocks[b];
-                const uint32_t nb = (b + 1 == L->n_blocks) ? L->n - b * (uint32_t)B : (uint32_t)B;
+                const uint32_t nb = kvcp_block_count(L, b, (uint32_t)B);
                 if (kvcp_block_pos(fb, 0) > qmax)
                     break;
                 if (g->window && (int64_t)qmin - kvcp_block_pos(fb, nb - 1) >= (int64_t)g->window)
@@ -267,7 +267,7 @@ kvc_status lr_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
     int32_t *kpos = (int32_t *)(vh_buf + B * m);
     for (uint32_t b = 0; b < L->n_blocks; b++) {
         const kvcp_block *fb = &L->blocks[b];
-        const uint32_t nb = (b + 1 == L->n_blocks) ? L->n - b * (uint32_t)B : (uint32_t)B;
+        const uint32_t nb = kvcp_block_count(L, b, (uint32_t)B);
         const int32_t *kp;
         const float *r = block_rows(in, layer, fb, nb, buf, kpos, &kp);
         for (uint32_t gi = 0; gi < in->n_groups; gi++) {

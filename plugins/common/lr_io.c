@@ -282,16 +282,8 @@ static kvc_status import_layer(kvc_seq *s, kvcp_reader *r, uint32_t l, kvcp_page
     int32_t *pos = (int32_t *)tmp;
     float *rows = (float *)(tmp + (size_t)n * sizeof(int32_t)); /* [n][e] */
     kvc_status st = KVC_OK;
-    for (uint32_t t = 0; t < n; t++) {
-        kvcp_reader pr;
-        kvcp_r_init(&pr, pos_raw + (size_t)t * 4, 4);
-        pos[t] = kvcp_r_i32(&pr);
-    }
-    char why[KVCP_MSG_SIZE];
-    if (kvcp_check_positions(g, pos, n, -1, why, sizeof why)) {
-        st = kvcp_fail(s->msg, sizeof s->msg, KVC_E_CORRUPT, "import: layer %u: %s", l, why);
+    if ((st = kvcp_import_positions(g, pos_raw, n, l, pos, s->msg, sizeof s->msg)))
         goto out;
-    }
     if (in->cfg.dtype == LR_F32) {
         memcpy(rows, raw, (size_t)n * row_bytes);
     } else {

@@ -413,11 +413,6 @@ typedef struct fz {
     size_t lwork;
 } fz;
 
-static void upper_to_full(size_t n, const float *up, double *out)
-{
-    kvck_gram_to_f64(n, up, out);
-}
-
 /* down = U_r^T, up = U_r, sigma = sv (zero past min(m, cols)). */
 static void take(const kvc_instance *in, lr_factor *f, const double *u, const double *sv,
                  size_t nsv)
@@ -537,7 +532,7 @@ static kvc_status factor_layer(kvc_instance *in, uint32_t layer)
     }
     const double *S = NULL;
     if (whiten) {
-        upper_to_full(d, p->gram, z.gm);
+        kvck_gram_to_f64(d, p->gram, z.gm);
         if (kvck_chol_shifted(d, z.gm, z.s, &L->shift_k, z.work, z.lwork)) {
             st = kvcp_fail(in->msg, sizeof in->msg, KVC_E_INTERNAL,
                            "finalize_layer(%u): Cholesky of the calibration Gram failed even "
@@ -549,7 +544,7 @@ static kvc_status factor_layer(kvc_instance *in, uint32_t layer)
     if (do_refit) {
         for (size_t i = 0; i < d * d; i++)
             z.cross[i] = p->cross[i];
-        upper_to_full(d, p->gram_c, z.gc);
+        kvck_gram_to_f64(d, p->gram_c, z.gc);
     }
     const size_t nsv = m < d ? m : d;
     for (uint32_t gi = 0; gi < in->n_groups && !st; gi++) {
@@ -559,7 +554,7 @@ static kvc_status factor_layer(kvc_instance *in, uint32_t layer)
             int rc;
             size_t have = nsv;
             if (!kv && post) {
-                upper_to_full(m, p->kcov + (size_t)gi * m * m, z.u);
+                kvck_gram_to_f64(m, p->kcov + (size_t)gi * m * m, z.u);
                 rc = kvck_sym_eig(m, z.u, z.sv, z.work, z.lwork);
                 for (size_t i = 0; i < m; i++)
                     z.sv[i] = sqrt(z.sv[i] > 0 ? z.sv[i] : 0);

@@ -74,6 +74,13 @@ kvc_status kvcp_pages_append(const kvcp_page_fmt *f, kvcp_pages *L, kvcp_page_by
                              uint32_t n, const int32_t *positions, kvcp_page_write write,
                              void *ctx);
 
+/* Checks an append to layer `layer` of `layers` [n_layers]: layer range,
+ * token count, NULL pointers, positions after the layer's last, NaN/Inf
+ * in k_pre and v [n][n_kv][head_dim]. */
+kvc_status kvcp_pages_check_append(const kvcp_geom *g, const kvcp_pages *layers, uint32_t layer,
+                                   uint32_t n, const int32_t *positions, const void *k_pre,
+                                   const void *v, char *msg, size_t cap);
+
 /* Keeps the tokens with position < `position`, freeing whole blocks. */
 void kvcp_pages_truncate(const kvcp_page_fmt *f, kvcp_pages *L, kvcp_page_bytes *cnt,
                          int32_t position);

@@ -99,7 +99,7 @@ static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const in
             kvck_attn_init(&a, rows, G, d, d, B, g->window, positions + q0, sc->attn);
             for (uint32_t b = 0; b < L->n_blocks; b++) {
                 const kvcp_block *fb = &L->blocks[b];
-                uint32_t nb = (b + 1 == L->n_blocks) ? L->n - b * (uint32_t)B : (uint32_t)B;
+                uint32_t nb = kvcp_block_count(L, b, (uint32_t)B);
                 int32_t first = kvcp_block_pos(fb, 0), last = kvcp_block_pos(fb, nb - 1);
                 if (first > qmax)
                     break; /* positions only grow from here */

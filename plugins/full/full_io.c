@@ -77,16 +77,8 @@ static kvc_status import_layer(kvc_seq *s, kvcp_reader *r, uint32_t l, kvcp_page
     float *k = (float *)(tmp + (size_t)n * sizeof(int32_t)); /* [n][n_kv][d] */
     float *v = k + vals;
     kvc_status st = KVC_OK;
-    for (uint32_t t = 0; t < n; t++) {
-        kvcp_reader pr;
-        kvcp_r_init(&pr, pos_raw + (size_t)t * 4, 4);
-        pos[t] = kvcp_r_i32(&pr);
-    }
-    char why[KVCP_MSG_SIZE];
-    if (kvcp_check_positions(g, pos, n, -1, why, sizeof why)) {
-        st = kvcp_fail(s->msg, sizeof s->msg, KVC_E_CORRUPT, "import: layer %u: %s", l, why);
+    if ((st = kvcp_import_positions(g, pos_raw, n, l, pos, s->msg, sizeof s->msg)))
         goto out;
-    }
     for (uint32_t h = 0; h < g->n_kv; h++)
         for (uint32_t t = 0; t < n; t++) {
             size_t src = ((size_t)h * n + t) * row_bytes, dst = ((size_t)t * g->n_kv + h) * d;

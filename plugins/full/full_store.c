@@ -70,24 +70,12 @@ kvc_status full_append(kvc_seq *s, uint32_t layer, uint32_t n, const int32_t *po
         return KVC_E_INVALID;
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
-    if (layer >= g->n_layers)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID, "append: layer %u >= n_layers %u",
-                         layer, g->n_layers);
-    if (n == 0 || n > g->max_positions)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "append: token count %u is not in [1, max_positions %u]", n,
-                         g->max_positions);
-    if (!positions || !k_pre || !v)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "append: positions, k_pre and v must not be NULL");
-    kvcp_pages *L = &s->layers[layer];
-    kvc_status st = kvcp_check_positions(g, positions, n, L->last_pos, s->msg, sizeof s->msg);
+    kvc_status st = kvcp_pages_check_append(g, s->layers, layer, n, positions, k_pre, v, s->msg,
+                                            sizeof s->msg);
     if (st)
         return st;
+    kvcp_pages *L = &s->layers[layer];
     size_t count = (size_t)n * g->n_kv * g->head_dim;
-    if (!kvck_all_finite(k_pre, count) || !kvck_all_finite(v, count))
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "append: k_pre or v holds NaN or Inf (layer %u)", layer);
 
     float *k_rot = kvcp_alloc(&in->host, count * sizeof(float), KVC_USAGE_SCRATCH);
     if (!k_rot)
