@@ -1,5 +1,5 @@
 /*
- * kvc.h -- the kvc plugin ABI, version 1.1.
+ * kvc.h -- the kvc plugin ABI, version 1.2.
  *
  * A KV-cache compressor is a shared object exporting one symbol,
  * kvc_plugin_entry(). A host (an inference server) dlopen()s it, calls the
@@ -60,7 +60,10 @@
  * the cache would hold right after the last token with position <= p was
  * appended, restricted to keys with position <= p (and inside the sliding
  * window). A token evicted at step i is invisible to later queries and
- * visible to earlier ones.
+ * visible to earlier ones. A plugin with KVC_CAP_PROMPT_PHASE treats the
+ * first attend of each layer of a sequence as the prompt (it profiles the
+ * prompt's attention there and fixes its policy); the rule then holds for
+ * every call after that first attend.
  */
 #ifndef KVC_H
 #define KVC_H
@@ -77,7 +80,7 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define KVC_ABI_VERSION_MAJOR 1
-#define KVC_ABI_VERSION_MINOR 1
+#define KVC_ABI_VERSION_MINOR 2
 #define KVC_MAKE_VERSION(major, minor) \
     ((uint32_t)(((uint32_t)(major) << 16) | ((uint32_t)(minor) & 0xffffu)))
 #define KVC_VERSION_MAJOR(v) ((uint32_t)(v) >> 16)
@@ -129,6 +132,9 @@ enum {
 #define KVC_CAP_FORK              (UINT64_C(1) << 11) /* fork() works */
 #define KVC_CAP_EXACT             (UINT64_C(1) << 12) /* lossless at default options */
 #define KVC_CAP_TOKEN_FLAGS       (UINT64_C(1) << 13) /* reads kvc token flags */
+/* 1.2: the first attend of each layer of a sequence is its prompt (profiled
+ * to choose a policy; token-eviction methods such as FastGen). */
+#define KVC_CAP_PROMPT_PHASE      (UINT64_C(1) << 14)
 
 /* Option value types (kvc_option_desc.type). */
 enum {
@@ -331,6 +337,14 @@ typedef struct kvc_seq_stats {
     uint64_t bytes_fixed;          /* per-sequence structures, independent of tokens */
     uint64_t bytes_resident;       /* payload + metadata + reserved + fixed */
     uint64_t bytes_fp16_full;      /* what an fp16 full cache would hold for tokens_appended */
+    /* --- ABI 1.2 --- */
+    /* The part of bytes_resident held for tokens appended but not yet
+     * attended: a token-evicting plugin keeps a batch whole until the
+     * queries of that batch have run (the step rule needs them), and a
+     * prompt until its first attend. Also counted in the fields above.
+     * 0 after an attend whose last query is at or after every appended
+     * position; always 0 for plugins that compress on append. */
+    uint64_t bytes_pending;
 } kvc_seq_stats;
 
 /* What an instance holds and promises. */
@@ -340,7 +354,10 @@ typedef struct kvc_instance_stats {
     uint64_t bytes_params;   /* method parameters (factors, rotations, tables) */
     uint64_t bytes_fixed;    /* instance structures */
     /* The budget promise (KVC-REQ-9), for every sequence after every append:
-     * bytes_resident <= kv_ratio * bytes_fp16_full + seq_overhead_bytes. */
+     * bytes_resident - bytes_pending <= kv_ratio * bytes_fp16_full +
+     * seq_overhead_bytes; bytes_pending (1.2) is 0 after an attend whose
+     * last query is at or after every appended position, so the plain
+     * bound holds there. */
     double kv_ratio;
     uint64_t seq_overhead_bytes;
 } kvc_instance_stats;
@@ -532,6 +549,19 @@ typedef struct kvc_plugin {
 
     /* [sequence-owner] Fills *out up to out->struct_size. */
     kvc_status (*seq_stats)(const kvc_seq *seq, kvc_seq_stats *out);
+
+    /* --- ABI 1.2 (read only when the descriptor's struct_size covers it) */
+
+    /* [sequence-owner] Size-then-copy of a NUL-terminated text saying what
+     * the plugin holds and decided for layer `layer` of the sequence, for
+     * hosts to log and tally: one line per KV head of the shard,
+     * "head <h>" then space-separated key=value words, e.g. FastGen's
+     * "head 0 policy=special+punct tokens=37 recovered=0.962". Keys every
+     * plugin writes: tokens (held for that head). buf == NULL: *size =
+     * bytes needed (with the NUL), KVC_OK. buf_size too small: *size =
+     * needed, KVC_E_BUFFER. Errors: INVALID (NULL size, layer range). */
+    kvc_status (*seq_describe)(const kvc_seq *seq, uint32_t layer, char *buf,
+                               size_t buf_size, size_t *size);
 } kvc_plugin;
 
 /* The one exported symbol (KVC-REQ-2). [any-thread] Returns the plugin's

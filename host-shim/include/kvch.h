@@ -36,7 +36,8 @@ typedef struct kvch_plugin kvch_plugin; /* a loaded plugin: dl handle + descript
  * (kvch_install_dir()). Checks: dlopen (dlerror() text on failure), the
  * entry symbol, the plugin's answer for this host's ABI version (a plugin of
  * another major is named with its major), descriptor struct_size, required
- * fields and function pointers of ABI 1.0. On failure returns non-OK, *out
+ * fields and function pointers of ABI 1.0 (and seq_describe when a 1.2
+ * descriptor's struct_size holds it). On failure returns non-OK, *out
  * untouched, and writes a NUL-terminated reason to err (err_size bytes at
  * most; err may be NULL). [any-thread] The returned object is owned by the
  * caller: kvch_unload(). */
@@ -49,6 +50,18 @@ void kvch_unload(kvch_plugin *p);
 /* The descriptor (valid until kvch_unload) and the resolved file path. */
 const kvc_plugin *kvch_plugin_desc(const kvch_plugin *p);
 const char *kvch_plugin_path(const kvch_plugin *p);
+
+/* seq_describe of ABI 1.2 with the allocation done: the plugin's text for
+ * `layer` of sequence s (one line per KV head of the shard, "head <h>"
+ * then key=value words, always a tokens= word) in *text_out, malloc'd,
+ * NUL-terminated; the caller frees it. p is the sequence's plugin
+ * (kvch_plugin_desc). Returns KVC_E_UNSUPPORTED, *text_out untouched, when
+ * the descriptor predates 1.2 (a 1.0/1.1 plugin has no seq_describe);
+ * otherwise the plugin's status (INVALID for a layer out of range) with
+ * its seq_message in err, NOMEM, or INTERNAL when the plugin breaks the
+ * size-then-copy protocol. [sequence-owner of s] */
+kvc_status kvch_seq_describe(const kvc_plugin *p, const kvc_seq *s, uint32_t layer,
+                             char **text_out, char *err, size_t err_size);
 
 /* The directory plugins are installed in ($libdir/kvc), as configured. */
 const char *kvch_install_dir(void);

@@ -30,6 +30,13 @@
 /* The v1.0 descriptor ends with its last function pointer, seq_stats. */
 #define DESC_V1_0_SIZE (offsetof(kvc_plugin, seq_stats) + sizeof(void (*)(void)))
 
+/* Descriptor of `d` holds seq_describe: a 1.2 plugin (or newer) whose
+ * struct_size covers the pointer. Older descriptors end before it. */
+static int desc_has_describe(const kvc_plugin *d)
+{
+    return KVC_VERSION_MINOR(d->abi_version) >= 2 && KVC_HAS_FIELD(d, kvc_plugin, seq_describe);
+}
+
 struct kvch_plugin {
     void *handle;
     const kvc_plugin *desc;
@@ -226,6 +233,15 @@ static kvc_status check_desc(const kvc_plugin *d, const char *path, char *err, s
             return KVC_E_INVALID;
         }
     }
+    /* ABI 1.2 appended seq_describe: required of a 1.2 descriptor that holds
+     * it; a 1.0/1.1 descriptor ends before it and loads without. */
+    if (desc_has_describe(d) && d->seq_describe == NULL) {
+        kvch_set_err(err, err_size, "%s: plugin \"%s\": function pointer seq_describe is NULL "
+                "(required of a kvc ABI %u.%u descriptor, appended in 1.2)", path, d->id,
+                (unsigned)KVC_VERSION_MAJOR(d->abi_version),
+                (unsigned)KVC_VERSION_MINOR(d->abi_version));
+        return KVC_E_INVALID;
+    }
     if (d->n_options > 0 && d->options == NULL) {
         kvch_set_err(err, err_size, "%s: plugin \"%s\": n_options is %u but the option table is NULL",
                 path, d->id, (unsigned)d->n_options);
@@ -399,6 +415,65 @@ const kvc_plugin *kvch_plugin_desc(const kvch_plugin *p)
 const char *kvch_plugin_path(const kvch_plugin *p)
 {
     return p ? p->path : NULL;
+}
+
+kvc_status kvch_seq_describe(const kvc_plugin *p, const kvc_seq *s, uint32_t layer,
+                             char **text_out, char *err, size_t err_size)
+{
+    if (err != NULL && err_size > 0)
+        err[0] = '\0';
+    if (p == NULL || s == NULL || text_out == NULL) {
+        kvch_set_err(err, err_size, "kvch_seq_describe: %s is NULL",
+                     p == NULL ? "plugin" : s == NULL ? "sequence" : "text_out");
+        return KVC_E_INVALID;
+    }
+    if (!desc_has_describe(p) || p->seq_describe == NULL) {
+        kvch_set_err(err, err_size, "%s: seq_describe needs a kvc ABI 1.2 plugin; this one was "
+                     "built against %u.%u", p->id, (unsigned)KVC_VERSION_MAJOR(p->abi_version),
+                     (unsigned)KVC_VERSION_MINOR(p->abi_version));
+        return KVC_E_UNSUPPORTED;
+    }
+    /* Size, then copy; the text cannot change between the calls (the
+     * caller owns the sequence), but a plugin that says BUFFER again is
+     * asked once more with the size it gave, a few times at most. */
+    size_t need = 0;
+    kvc_status st = p->seq_describe(s, layer, NULL, 0, &need);
+    for (int tries = 0; st == KVC_OK && tries < 4; tries++) {
+        if (need == 0) {
+            kvch_set_err(err, err_size, "%s: seq_describe(layer %u) asked for 0 bytes (the "
+                         "text has at least its NUL)", p->id, (unsigned)layer);
+            return KVC_E_INTERNAL;
+        }
+        char *buf = malloc(need);
+        if (buf == NULL) {
+            kvch_set_err(err, err_size, "%s: out of memory for %zu bytes of seq_describe",
+                         p->id, need);
+            return KVC_E_NOMEM;
+        }
+        size_t got = need;
+        st = p->seq_describe(s, layer, buf, need, &got);
+        if (st == KVC_OK) {
+            if (got == 0 || got > need || buf[got - 1] != '\0' || memchr(buf, '\0', got) !=
+                                                                      buf + got - 1) {
+                free(buf);
+                kvch_set_err(err, err_size, "%s: seq_describe(layer %u) returned %zu bytes "
+                             "that are not one NUL-terminated text", p->id, (unsigned)layer,
+                             got);
+                return KVC_E_INTERNAL;
+            }
+            *text_out = buf;
+            return KVC_OK;
+        }
+        free(buf);
+        if (st != KVC_E_BUFFER)
+            break;
+        need = got;
+        st = KVC_OK;
+    }
+    kvch_set_err(err, err_size, "%s: seq_describe(layer %u): %s: %s", p->id, (unsigned)layer,
+                 kvch_status_string(st == KVC_OK ? KVC_E_BUFFER : st),
+                 p->seq_message(s));
+    return st == KVC_OK ? KVC_E_BUFFER : st;
 }
 
 const char *kvch_install_dir(void)

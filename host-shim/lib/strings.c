@@ -38,6 +38,7 @@ static const char *const cap_words[] = {
     "fork",              /* KVC_CAP_FORK */
     "exact",             /* KVC_CAP_EXACT */
     "token-flags",       /* KVC_CAP_TOKEN_FLAGS */
+    "prompt-phase",      /* KVC_CAP_PROMPT_PHASE (1.2) */
 };
 #define N_CAP_WORDS (sizeof cap_words / sizeof cap_words[0])
 

@@ -87,6 +87,13 @@ uint64_t kvcp_fp16_bytes_per_token_layer(const kvcp_geom *g);
 kvc_status kvcp_check_positions(const kvcp_geom *g, const int32_t *positions, uint32_t n,
                                 int64_t after, char *msg, size_t cap);
 
+/* Checks an append of n tokens to `layer`: layer range, token count, NULL
+ * pointers, positions after `last_pos` (-1 = nothing held), NaN/Inf in
+ * k_pre and v [n][n_kv][head_dim]. */
+kvc_status kvcp_check_append(const kvcp_geom *g, uint32_t layer, uint32_t n,
+                             const int32_t *positions, const void *k_pre, const void *v,
+                             int64_t last_pos, char *msg, size_t cap);
+
 /* ---- open sequences and batches ------------------------------------------ */
 
 /* An instance's open sequences, so destroy can free those left open: an
@@ -199,6 +206,15 @@ void kvcp_blob_seal(void *blob, uint32_t kind, uint32_t version, const char *plu
 kvc_status kvcp_blob_write(void (*payload)(void *ctx, kvcp_writer *w), void *ctx, uint32_t kind,
                            uint32_t version, const char *plugin_id, void *buf, size_t buf_size,
                            size_t *size, const char *what, char *msg, size_t cap);
+
+/* Words of one seq_describe line for KV head h ("tokens=37 policy=full"),
+ * written into words[cap] (snprintf-style; truncation is harmless). */
+typedef void (*kvcp_describe_line)(const void *ctx, uint32_t h, char *words, size_t cap);
+
+/* Size-then-copy of a seq_describe text (KVC ABI 1.2): "head <h> <words>\n"
+ * for h < n_heads, NUL-terminated. Protocol as kvcp_blob_write. */
+kvc_status kvcp_describe(uint32_t n_heads, kvcp_describe_line line, const void *ctx, char *buf,
+                         size_t buf_size, size_t *size, char *msg, size_t cap);
 
 /* Fills a caller's stats struct of out_size (its struct_size) from a full
  * one, never past what the caller's struct holds; keeps its struct_size. */

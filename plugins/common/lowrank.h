@@ -145,6 +145,10 @@ kvc_status lr_seq_open(kvc_instance *in, kvc_seq **out);
 void lr_seq_close(kvc_seq *s);
 const char *lr_seq_message(const kvc_seq *s);
 kvc_status lr_seq_stats(const kvc_seq *s, kvc_seq_stats *out);
+/* seq_describe (ABI 1.2): per KV head "tokens=<n> rank_k=<r> rank_v=<r>",
+ * the ranks of the head's group in that layer. */
+kvc_status lr_seq_describe(const kvc_seq *s, uint32_t layer, char *buf, size_t buf_size,
+                           size_t *size);
 /* Bytes of the sequence struct and its layer array. */
 size_t lr_seq_fixed_bytes(const kvc_instance *in);
 /* Fills declared kv_ratio and seq_overhead from the ranks in force. */
@@ -234,7 +238,8 @@ enum { LR_SET_DTYPE, LR_SET_ALLOC, LR_SET_KEYS, LR_SET_REFIT, LR_SET_RATIO, LR_S
     .seq_open = lr_seq_open, .seq_close = lr_seq_close, .seq_message = lr_seq_message,     \
     .append = lr_append, .attend = lr_attend, .attend_batch = lr_attend_batch,             \
     .materialize = lr_materialize, .truncate = lr_truncate, .fork = lr_fork,               \
-    .seq_export = lr_export, .seq_import = lr_import, .seq_stats = lr_seq_stats
+    .seq_export = lr_export, .seq_import = lr_import, .seq_stats = lr_seq_stats,           \
+    .seq_describe = lr_seq_describe
 
 /* Capabilities every low-rank plugin has. */
 #define LR_CAPS                                                                            \

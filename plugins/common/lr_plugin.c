@@ -307,6 +307,38 @@ kvc_status lr_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
     return KVC_OK;
 }
 
+/* One seq_describe line: every head holds every token of the layer; the
+ * ranks are those of the head's group (0 until the layer's ranks exist). */
+typedef struct lr_describe_ctx {
+    const kvc_instance *in;
+    const lr_layer *L;
+    uint32_t tokens;
+} lr_describe_ctx;
+
+static void lr_describe_line(const void *ctx, uint32_t h, char *words, size_t cap)
+{
+    const lr_describe_ctx *c = ctx;
+    uint32_t gh = c->in->cfg.group_heads ? c->in->cfg.group_heads : 1, g = h / gh;
+    uint32_t rk = c->L->k && g < c->in->n_groups ? c->L->k[g].r : c->L->rk;
+    uint32_t rv = c->L->v && g < c->in->n_groups ? c->L->v[g].r : c->L->rv;
+    snprintf(words, cap, "tokens=%u rank_k=%u rank_v=%u", c->tokens, rk, rv);
+}
+
+kvc_status lr_seq_describe(const kvc_seq *s, uint32_t layer, char *buf, size_t buf_size,
+                           size_t *size)
+{
+    if (!s)
+        return KVC_E_INVALID;
+    char *msg = ((kvc_seq *)s)->msg; /* the sequence's message, as for any call on it */
+    const kvc_instance *in = s->inst;
+    if (layer >= in->g.n_layers)
+        return kvcp_fail(msg, KVCP_MSG_SIZE, KVC_E_INVALID,
+                         "describe: layer %u out of range (%u layers)", layer, in->g.n_layers);
+    lr_describe_ctx c = {in, &in->layers[layer], s->layers[layer].n};
+    return kvcp_describe(in->g.n_kv, lr_describe_line, &c, buf, buf_size, size, msg,
+                         KVCP_MSG_SIZE);
+}
+
 /* ---- options ----------------------------------------------------------------------- */
 
 /* Index of an ENUM value's word in a '|'-list, by name: plugins list the

@@ -202,22 +202,6 @@ kvc_status kvcp_pages_check_append(const kvcp_geom *g, const kvcp_pages *layers,
                                    uint32_t n, const int32_t *positions, const void *k_pre,
                                    const void *v, char *msg, size_t cap)
 {
-    if (layer >= g->n_layers)
-        return kvcp_fail(msg, cap, KVC_E_INVALID, "append: layer %u >= n_layers %u", layer,
-                         g->n_layers);
-    if (n == 0 || n > g->max_positions)
-        return kvcp_fail(msg, cap, KVC_E_INVALID,
-                         "append: token count %u is not in [1, max_positions %u]", n,
-                         g->max_positions);
-    if (!positions || !k_pre || !v)
-        return kvcp_fail(msg, cap, KVC_E_INVALID,
-                         "append: positions, k_pre and v must not be NULL");
-    kvc_status st = kvcp_check_positions(g, positions, n, layers[layer].last_pos, msg, cap);
-    if (st)
-        return st;
-    size_t count = (size_t)n * g->n_kv * g->head_dim;
-    if (!kvck_all_finite(k_pre, count) || !kvck_all_finite(v, count))
-        return kvcp_fail(msg, cap, KVC_E_INVALID,
-                         "append: k_pre or v holds NaN or Inf (layer %u)", layer);
-    return KVC_OK;
+    int64_t last = layer < g->n_layers ? layers[layer].last_pos : -1;
+    return kvcp_check_append(g, layer, n, positions, k_pre, v, last, msg, cap);
 }

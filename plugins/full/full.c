@@ -4,6 +4,7 @@
  * stats. Storage is in full_store.c, attention in full_attend.c,
  * export/import in full_io.c.
  */
+#include <stdio.h>
 #include <string.h>
 
 #include "full.h"
@@ -237,6 +238,35 @@ static kvc_status full_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
     return KVC_OK;
 }
 
+/* One seq_describe line: every head of a layer holds every token. */
+typedef struct full_describe_ctx {
+    const kvc_instance *in;
+    uint32_t tokens;
+} full_describe_ctx;
+
+static void full_describe_line(const void *ctx, uint32_t h, char *words, size_t cap)
+{
+    const full_describe_ctx *c = ctx;
+    (void)h;
+    snprintf(words, cap, "tokens=%u dtype=%s", c->tokens,
+             c->in->dtype == FULL_F16 ? "fp16" : "fp32");
+}
+
+static kvc_status full_seq_describe(const kvc_seq *s, uint32_t layer, char *buf,
+                                    size_t buf_size, size_t *size)
+{
+    if (!s)
+        return KVC_E_INVALID;
+    char *msg = ((kvc_seq *)s)->msg; /* the message is the sequence's, as for any call */
+    const kvc_instance *in = s->inst;
+    if (layer >= in->g.n_layers)
+        return kvcp_fail(msg, KVCP_MSG_SIZE, KVC_E_INVALID,
+                         "describe: layer %u out of range (%u layers)", layer, in->g.n_layers);
+    full_describe_ctx c = {in, s->layers[layer].n};
+    return kvcp_describe(in->g.n_kv, full_describe_line, &c, buf, buf_size, size, msg,
+                         KVCP_MSG_SIZE);
+}
+
 /* ---- descriptor ------------------------------------------------------------ */
 
 static const kvc_plugin full_plugin = {
@@ -274,6 +304,7 @@ static const kvc_plugin full_plugin = {
     .seq_export = full_export,
     .seq_import = full_import,
     .seq_stats = full_seq_stats,
+    .seq_describe = full_seq_describe,
 };
 
 KVC_EXPORT const kvc_plugin *kvc_plugin_entry(uint32_t host_abi_version)

@@ -1,10 +1,11 @@
 /*
- * test_abi_layout.c -- freezes ABI 1.0 and 1.1: the size of every boundary
- * struct and the offset of every field, on LP64 targets. A layout change
- * breaks the build here; the only legal change in a minor version is a new
- * field at the end. A struct that grew keeps its 1.0 size asserted as
- * KVC_V10_SIZE (offset + size of its last 1.0 field: what a 1.0 side puts
- * in struct_size), then its new size and the new fields' offsets.
+ * test_abi_layout.c -- freezes ABI 1.0, 1.1 and 1.2: the size of every
+ * boundary struct and the offset of every field, on LP64 targets. A layout
+ * change breaks the build here; the only legal change in a minor version is
+ * a new field at the end. A struct that grew keeps its older size asserted
+ * as KVC_V10_SIZE (offset + size of its last field of that version: what an
+ * older side puts in struct_size), then its new size and the new fields'
+ * offsets.
  */
 #include <check.h>
 #include <stddef.h>
@@ -87,7 +88,7 @@ KVC_LAYOUT(kvc_calib_chunk, x, 8);
 KVC_LAYOUT(kvc_calib_chunk, positions, 16);
 KVC_SIZE(kvc_calib_chunk, 32); /* 1.1 */
 KVC_LAYOUT(kvc_calib_chunk, x_ref, 24);
-KVC_SIZE(kvc_seq_stats, 72);
+KVC_SIZE_V10(kvc_seq_stats, bytes_fp16_full, 72); /* 1.0 and 1.1 */
 KVC_LAYOUT(kvc_seq_stats, struct_size, 0);
 KVC_LAYOUT(kvc_seq_stats, reserved0, 4);
 KVC_LAYOUT(kvc_seq_stats, tokens_appended, 8);
@@ -98,6 +99,8 @@ KVC_LAYOUT(kvc_seq_stats, bytes_reserved, 40);
 KVC_LAYOUT(kvc_seq_stats, bytes_fixed, 48);
 KVC_LAYOUT(kvc_seq_stats, bytes_resident, 56);
 KVC_LAYOUT(kvc_seq_stats, bytes_fp16_full, 64);
+KVC_SIZE(kvc_seq_stats, 80); /* 1.2 */
+KVC_LAYOUT(kvc_seq_stats, bytes_pending, 72);
 KVC_SIZE(kvc_instance_stats, 40);
 KVC_LAYOUT(kvc_instance_stats, struct_size, 0);
 KVC_LAYOUT(kvc_instance_stats, reserved0, 4);
@@ -119,7 +122,7 @@ KVC_LAYOUT(kvc_attend_item, seq, 8);
 KVC_LAYOUT(kvc_attend_item, positions, 16);
 KVC_LAYOUT(kvc_attend_item, q_pre, 24);
 KVC_LAYOUT(kvc_attend_item, out, 32);
-KVC_SIZE(kvc_plugin, 232);
+KVC_SIZE_V10(kvc_plugin, seq_stats, 232); /* 1.0 and 1.1 */
 KVC_LAYOUT(kvc_plugin, struct_size, 0);
 KVC_LAYOUT(kvc_plugin, abi_version, 4);
 KVC_LAYOUT(kvc_plugin, id, 8);
@@ -151,6 +154,8 @@ KVC_LAYOUT(kvc_plugin, fork, 200);
 KVC_LAYOUT(kvc_plugin, seq_export, 208);
 KVC_LAYOUT(kvc_plugin, seq_import, 216);
 KVC_LAYOUT(kvc_plugin, seq_stats, 224);
+KVC_SIZE(kvc_plugin, 240); /* 1.2 */
+KVC_LAYOUT(kvc_plugin, seq_describe, 232);
 
 /* Enum values are frozen too. */
 _Static_assert(KVC_OK == 0 && KVC_E_INVALID == 1 && KVC_E_UNSUPPORTED == 2 && KVC_E_NOMEM == 3 &&
@@ -167,12 +172,14 @@ _Static_assert(KVC_MEM_HOST == 0 && KVC_MEM_CUDA == 1, "memory kinds changed");
 _Static_assert(KVC_USAGE_INSTANCE == 0 && KVC_USAGE_CACHE == 1 && KVC_USAGE_SCRATCH == 2,
                "usages changed");
 _Static_assert(KVC_CAP_CPU == 1 && KVC_CAP_TOKEN_FLAGS == (UINT64_C(1) << 13), "caps changed");
+_Static_assert(KVC_CAP_PROMPT_PHASE == (UINT64_C(1) << 14), "1.2 cap changed");
 _Static_assert(KVC_TOKEN_SPECIAL == 1 && KVC_TOKEN_PUNCT == 2, "token flags changed");
 #endif
 
 START_TEST(version_macros)
 {
-    ck_assert_uint_eq(KVC_ABI_VERSION, 0x00010001u);
+    ck_assert_uint_eq(KVC_ABI_VERSION, 0x00010002u);
+    ck_assert_uint_eq(KVC_VERSION_MINOR(KVC_ABI_VERSION), 2);
     ck_assert_uint_eq(KVC_VERSION_MAJOR(KVC_MAKE_VERSION(3, 7)), 3);
     ck_assert_uint_eq(KVC_VERSION_MINOR(KVC_MAKE_VERSION(3, 7)), 7);
 }
@@ -201,6 +208,31 @@ START_TEST(calib_chunk_of_a_1_0_host)
 }
 END_TEST
 
+START_TEST(seq_stats_of_a_1_1_plugin)
+{
+    /* A 1.0/1.1 side's seq_stats stops before bytes_pending: a 1.2 reader
+     * must not read it (and a 1.2 plugin fills up to the caller's size). */
+    kvc_seq_stats st = {0};
+    st.struct_size = (uint32_t)KVC_V10_SIZE(kvc_seq_stats, bytes_fp16_full);
+    ck_assert(KVC_HAS_FIELD(&st, kvc_seq_stats, bytes_fp16_full));
+    ck_assert(!KVC_HAS_FIELD(&st, kvc_seq_stats, bytes_pending));
+    st.struct_size = sizeof st;
+    ck_assert(KVC_HAS_FIELD(&st, kvc_seq_stats, bytes_pending));
+}
+END_TEST
+
+START_TEST(descriptor_of_a_1_1_plugin)
+{
+    /* A 1.0/1.1 descriptor ends at seq_stats: no seq_describe to call. */
+    kvc_plugin d = {0};
+    d.struct_size = (uint32_t)KVC_V10_SIZE(kvc_plugin, seq_stats);
+    ck_assert(KVC_HAS_FIELD(&d, kvc_plugin, seq_stats));
+    ck_assert(!KVC_HAS_FIELD(&d, kvc_plugin, seq_describe));
+    d.struct_size = sizeof d;
+    ck_assert(KVC_HAS_FIELD(&d, kvc_plugin, seq_describe));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("abi");
@@ -208,6 +240,8 @@ int main(void)
     tcase_add_test(tc, version_macros);
     tcase_add_test(tc, has_field_reads_struct_size);
     tcase_add_test(tc, calib_chunk_of_a_1_0_host);
+    tcase_add_test(tc, seq_stats_of_a_1_1_plugin);
+    tcase_add_test(tc, descriptor_of_a_1_1_plugin);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -7,6 +7,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -137,6 +138,95 @@ static inline double th_rel_err_f(const float *a, const float *b, size_t n)
         den += (double)b[i] * b[i];
     }
     return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* 1 when the line [line, line+len) has the space-separated word `w`. */
+static inline int th_line_has_word(const char *line, size_t len, const char *w)
+{
+    size_t wl = strlen(w);
+    for (size_t i = 0; i + wl <= len; i++)
+        if ((i == 0 || line[i - 1] == ' ') && memcmp(line + i, w, wl) == 0 &&
+            (i + wl == len || line[i + wl] == ' '))
+            return 1;
+    return 0;
+}
+
+/* seq_describe (ABI 1.2) of `layer` against what the caller knows: the
+ * size query; KVC_E_BUFFER with the same size on a 1-byte buffer, nothing
+ * past buf[0] written (guard bytes); then the text: exactly n_kv lines
+ * "head <h> ..." in order, each with the word tokens=<tokens> and, when
+ * `word` is not NULL, that word too; KVC_E_INVALID for layer n_layers and
+ * for a NULL size. Returns 0 with the text in *text_out (malloc'd, caller
+ * frees; text_out may be NULL), or -1 with the problem in why. */
+static inline int th_check_describe(const th_env *e, const kvc_seq *s, uint32_t n_layers,
+                                    uint32_t layer, uint32_t n_kv, uint32_t tokens,
+                                    const char *word, char **text_out, char *why, size_t cap)
+{
+    size_t need = 0, got = 0;
+    kvc_status st = e->p->seq_describe(s, layer, NULL, 0, &need);
+    if (st != KVC_OK || need < 2)
+        return snprintf(why, cap, "size query: status %d, size %zu: %s", st, need,
+                        e->p->seq_message(s)), -1;
+    char small[16];
+    memset(small, 0x5a, sizeof small);
+    st = e->p->seq_describe(s, layer, small + 4, 1, &got);
+    for (size_t i = 0; i < sizeof small; i++)
+        if (i != 4 && small[i] != 0x5a)
+            return snprintf(why, cap, "1-byte buffer: byte %d written", (int)i - 4), -1;
+    if (st != KVC_E_BUFFER || got != need)
+        return snprintf(why, cap, "1-byte buffer: status %d (want %d), size %zu (want %zu)", st,
+                        KVC_E_BUFFER, got, need), -1;
+    if (!e->p->seq_message(s)[0])
+        return snprintf(why, cap, "KVC_E_BUFFER without a message"), -1;
+    char *text = malloc(need + 8);
+    if (!text)
+        return snprintf(why, cap, "out of memory"), -1;
+    memset(text, 0x5a, need + 8);
+    got = 0;
+    st = e->p->seq_describe(s, layer, text, need, &got);
+    int bad = st != KVC_OK || got != need || text[need - 1] != '\0' || strlen(text) != need - 1;
+    for (size_t i = need; i < need + 8; i++)
+        bad |= text[i] != 0x5a;
+    if (bad) {
+        snprintf(why, cap, "copy: status %d, size %zu of %zu, text not NUL-terminated at its "
+                 "size or written past it", st, got, need);
+        free(text);
+        return -1;
+    }
+    const char *line = text;
+    for (uint32_t h = 0; h < n_kv; h++) {
+        const char *nl = strchr(line, '\n');
+        char head[32], tok[40];
+        snprintf(head, sizeof head, "head %u ", h);
+        snprintf(tok, sizeof tok, "tokens=%u", tokens);
+        if (!nl || strncmp(line, head, strlen(head)) != 0 ||
+            !th_line_has_word(line, (size_t)(nl - line), tok) ||
+            (word && !th_line_has_word(line, (size_t)(nl - line), word))) {
+            snprintf(why, cap, "line %u is not \"%s... %s%s%s\": %s", h, head, tok,
+                     word ? " " : "", word ? word : "", text);
+            free(text);
+            return -1;
+        }
+        line = nl + 1;
+    }
+    if (*line) {
+        snprintf(why, cap, "more than %u lines: %s", n_kv, text);
+        free(text);
+        return -1;
+    }
+    st = e->p->seq_describe(s, n_layers, NULL, 0, &got);
+    kvc_status st2 = e->p->seq_describe(s, layer, NULL, 0, NULL);
+    if (st != KVC_E_INVALID || st2 != KVC_E_INVALID) {
+        snprintf(why, cap, "layer %u: status %d, NULL size: status %d (want INVALID)", n_layers,
+                 st, st2);
+        free(text);
+        return -1;
+    }
+    if (text_out)
+        *text_out = text;
+    else
+        free(text);
+    return 0;
 }
 
 #endif

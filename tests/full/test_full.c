@@ -625,6 +625,74 @@ START_TEST(bad_options_and_geometry_are_named)
 }
 END_TEST
 
+/* seq_describe (ABI 1.2): one line per KV head of the shard with the
+ * tokens the layer holds and the storage type; size-then-copy; INVALID
+ * for a layer out of range and a NULL size, with a message. */
+START_TEST(seq_describe_lines_per_head)
+{
+    th_env e;
+    OPEN_FULL(e);
+    ck_assert_msg(KVC_HAS_FIELD(e.p, kvc_plugin, seq_describe) && e.p->seq_describe,
+                  "kvc-full's descriptor has no seq_describe");
+    uint64_t rng = g_seed + 2222;
+    static const char *const dtypes[] = {"fp32", "fp16"};
+    for (int d = 0; d < 2; d++) {
+        kvc_geometry g = th_smollm2();
+        g.n_layers = 3;
+        if (d == 1) { /* a head shard: lines count the shard's heads from 0 */
+            g.kv_head_first = 1;
+            g.kv_head_count = 2;
+        }
+        const uint32_t n_kv = d == 1 ? 2 : g.n_kv_heads;
+        stream s;
+        stream_init(&s, &g, 50, &rng, 1);
+        char opt[32], word[32], why[1024];
+        snprintf(opt, sizeof opt, "dtype=%s", dtypes[d]);
+        snprintf(word, sizeof word, "dtype=%s", dtypes[d]);
+        const char *opts[] = {opt, "block_tokens=16", NULL};
+        kvc_instance *in;
+        char msg[256];
+        ck_assert_msg(th_create(&e, &g, opts, &in, msg, sizeof msg) == KVC_OK, "%s", msg);
+        kvc_seq *seq;
+        ck_assert_int_eq(e.p->seq_open(in, &seq), KVC_OK);
+        /* Empty layers first, then layer 0 with 50 tokens (in two appends,
+         * across blocks and position gaps) and layer 2 with 17. */
+        ck_assert_msg(th_check_describe(&e, seq, 3, 1, n_kv, 0, word, NULL, why, sizeof why) == 0,
+                      "%s empty: %s", dtypes[d], why);
+        float *out = malloc(50 * qrow(&s) * sizeof(float));
+        ck_assert_int_eq(step(&e, seq, &s, 0, 0, 30, out), KVC_OK);
+        ck_assert_int_eq(step(&e, seq, &s, 0, 30, 20, out), KVC_OK);
+        ck_assert_int_eq(step(&e, seq, &s, 2, 0, 17, out), KVC_OK);
+        const uint32_t held[3] = {50, 0, 17};
+        for (uint32_t l = 0; l < 3; l++) {
+            char *text = NULL;
+            ck_assert_msg(th_check_describe(&e, seq, 3, l, n_kv, held[l], word, &text, why,
+                                            sizeof why) == 0,
+                          "%s layer %u: %s", dtypes[d], l, why);
+            if (l == 0 && d == 0)
+                printf("  seq_describe layer 0: %s", text);
+            free(text);
+        }
+        /* Errors carry a message on the sequence. */
+        size_t sz = 0;
+        ck_assert_int_eq(e.p->seq_describe(seq, 3, NULL, 0, &sz), KVC_E_INVALID);
+        ck_assert_ptr_nonnull(strstr(e.p->seq_message(seq), "layer 3"));
+        ck_assert_int_eq(e.p->seq_describe(NULL, 0, NULL, 0, &sz), KVC_E_INVALID);
+        /* After truncate the counts follow. */
+        ck_assert_int_eq(e.p->truncate(seq, s.pos[10]), KVC_OK);
+        ck_assert_msg(th_check_describe(&e, seq, 3, 0, n_kv, 10, word, NULL, why, sizeof why) ==
+                          0,
+                      "%s after truncate: %s", dtypes[d], why);
+        free(out);
+        e.p->seq_close(seq);
+        e.p->destroy(in);
+        stream_free(&s);
+    }
+    ck_assert_uint_eq(th_live_bytes(&e), 0);
+    th_close(&e);
+}
+END_TEST
+
 START_TEST(bad_calls_get_status_and_message)
 {
     th_env e;
@@ -975,6 +1043,7 @@ int main(void)
     TCase *bad = tcase_create("bad-input");
     tcase_add_test(bad, bad_options_and_geometry_are_named);
     tcase_add_test(bad, bad_calls_get_status_and_message);
+    tcase_add_test(bad, seq_describe_lines_per_head);
     suite_add_tcase(su, bad);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);

@@ -22,7 +22,7 @@
 
 #define FX(name) FIXTURE_DIR "/kvc-fixture-" name ".so"
 
-/* This host's ABI as the loader and the CLI write it: "1.1". */
+/* This host's ABI as the loader and the CLI write it: "1.2". */
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define HOST_ABI STR(KVC_ABI_VERSION_MAJOR) "." STR(KVC_ABI_VERSION_MINOR)
@@ -103,6 +103,64 @@ START_TEST(test_older_minor_loads)
 }
 END_TEST
 
+START_TEST(test_abi11_loads_without_describe)
+{
+    /* A 1.1 descriptor ends at seq_stats: it loads, and the host helper
+     * says seq_describe is not there instead of reading past it. */
+    kvch_plugin *p = NULL;
+    char err[512];
+    ck_assert_msg(kvch_load(FX("abi11"), &p, err, sizeof err) == KVC_OK, "%s", err);
+    const kvc_plugin *d = kvch_plugin_desc(p);
+    ck_assert_uint_eq(d->abi_version, KVC_MAKE_VERSION(1, 1));
+    ck_assert(!KVC_HAS_FIELD(d, kvc_plugin, seq_describe));
+    int dummy = 0;
+    char *text = (char *)SENTINEL;
+    ck_assert_int_eq(kvch_seq_describe(d, (const kvc_seq *)(void *)&dummy, 0, &text, err,
+                                       sizeof err),
+                     KVC_E_UNSUPPORTED);
+    ck_assert_ptr_eq(text, (char *)SENTINEL);
+    ck_assert_msg(strstr(err, "1.2") && strstr(err, "1.1"), "%s", err);
+    kvch_unload(p);
+
+    /* A 1.0 one too, whose static descriptor has the pointer set past its
+     * struct_size: never called. */
+    ck_assert_msg(kvch_load(FX("abi10"), &p, err, sizeof err) == KVC_OK, "%s", err);
+    ck_assert_int_eq(kvch_seq_describe(kvch_plugin_desc(p), (const kvc_seq *)(void *)&dummy, 0,
+                                       &text, err, sizeof err),
+                     KVC_E_UNSUPPORTED);
+    ck_assert_ptr_eq(text, (char *)SENTINEL);
+    kvch_unload(p);
+}
+END_TEST
+
+START_TEST(test_seq_describe_helper)
+{
+    /* The good fixture's seq_describe ignores the sequence: any non-NULL
+     * handle does. The helper sizes, allocates and copies. */
+    kvch_plugin *p = NULL;
+    char err[512];
+    ck_assert_msg(kvch_load(FX("good"), &p, err, sizeof err) == KVC_OK, "%s", err);
+    const kvc_plugin *d = kvch_plugin_desc(p);
+    int dummy = 0;
+    const kvc_seq *s = (const kvc_seq *)(void *)&dummy;
+    char *text = NULL;
+    ck_assert_msg(kvch_seq_describe(d, s, 0, &text, err, sizeof err) == KVC_OK, "%s", err);
+    ck_assert_str_eq(text, "head 0 policy=fixture tokens=0\n");
+    free(text);
+
+    /* The plugin's refusal comes back with its status; nothing allocated. */
+    text = (char *)SENTINEL;
+    ck_assert_int_eq(kvch_seq_describe(d, s, 1, &text, err, sizeof err), KVC_E_INVALID);
+    ck_assert_ptr_eq(text, (char *)SENTINEL);
+    ck_assert_msg(strstr(err, "seq_describe(layer 1)"), "%s", err);
+    ck_assert_int_eq(kvch_seq_describe(NULL, s, 0, &text, err, sizeof err), KVC_E_INVALID);
+    ck_assert_int_eq(kvch_seq_describe(d, NULL, 0, &text, err, sizeof err), KVC_E_INVALID);
+    ck_assert_int_eq(kvch_seq_describe(d, s, 0, NULL, NULL, 0), KVC_E_INVALID);
+    ck_assert_ptr_eq(text, (char *)SENTINEL);
+    kvch_unload(p);
+}
+END_TEST
+
 START_TEST(test_missing_file)
 {
     const char *w[] = {"/nonexistent-dir/kvc-x.so", "no such file", NULL};
@@ -154,6 +212,7 @@ static const struct {
     {"badid", KVC_E_INVALID, {"\"Fixture Defect\"", "[a-z0-9_-]+"}},
     {"nullopt", KVC_E_INVALID, {"option 1 of 2 is NULL"}},
     {"smallopt", KVC_E_VERSION, {"option 1 has struct_size 8", "smaller"}},
+    {"nodescribe", KVC_E_INVALID, {"function pointer seq_describe is NULL", "appended in 1.2"}},
 };
 
 START_TEST(test_bad_fixture)
@@ -331,6 +390,8 @@ START_TEST(test_caps_string)
     ck_assert_str_eq(buf, "cpu export");
     kvch_caps_string(KVC_CAP_CUDA | KVC_CAP_TOKEN_FLAGS | (UINT64_C(1) << 40), buf, sizeof buf);
     ck_assert_str_eq(buf, "cuda token-flags bit40");
+    kvch_caps_string(KVC_CAP_PROMPT_PHASE, buf, sizeof buf);
+    ck_assert_str_eq(buf, "prompt-phase");
     kvch_caps_string(~UINT64_C(0), buf, sizeof buf);
     ck_assert_ptr_nonnull(strstr(buf, "needs-calibration"));
     ck_assert_ptr_nonnull(strstr(buf, "bit63"));
@@ -441,6 +502,8 @@ static Suite *loader_suite(void)
     tcase_add_test(tc, test_good_by_path);
     tcase_add_test(tc, test_newer_minor_loads);
     tcase_add_test(tc, test_older_minor_loads);
+    tcase_add_test(tc, test_abi11_loads_without_describe);
+    tcase_add_test(tc, test_seq_describe_helper);
     tcase_add_test(tc, test_missing_file);
     tcase_add_test(tc, test_text_file);
     tcase_add_test(tc, test_directory);

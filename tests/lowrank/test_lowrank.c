@@ -11,7 +11,8 @@
  *                       damaged artifacts refused with the right status;
  *   progressive ranks   LoRC's allocation fits the budget and favours the
  *                       shallow layers;
- *   errors              out-of-order calls, budgets, option conflicts.
+ *   errors              out-of-order calls, budgets, option conflicts;
+ *   seq_describe        one line per KV head: tokens held, the group's ranks.
  * Every plugin byte goes through the host's tracking allocator; each test
  * ends with zero live bytes.
  */
@@ -1102,6 +1103,138 @@ START_TEST(out_of_order_calls_and_bad_budgets_are_refused)
 }
 END_TEST
 
+/* ======================================================================================= */
+/* 6. seq_describe (ABI 1.2)                                                                */
+/* ======================================================================================= */
+
+/* The value of `key=` in the first line of text (-1 when absent). */
+static long word_value(const char *text, const char *key)
+{
+    const char *nl = strchr(text, '\n');
+    size_t kl = strlen(key);
+    for (const char *c = text; *c && (!nl || c < nl); c++)
+        if ((c == text || c[-1] == ' ') && strncmp(c, key, kl) == 0 && c[kl] == '=')
+            return strtol(c + kl + 1, NULL, 10);
+    return -1;
+}
+
+START_TEST(seq_describe_reports_tokens_and_group_ranks)
+{
+    uint64_t rng = g_seed + 66;
+    enum { L = 3 };
+    kvc_geometry g = geo(L);
+    lweights w[L];
+    for (uint32_t l = 0; l < L; l++) {
+        lw_random_qo(&rng, &w[l]);
+        conditioned_matrix(&rng, 1.0 + 2.0 * l, w[l].wk);
+        conditioned_matrix(&rng, 0.5 + l, w[l].wv);
+    }
+    const size_t n = 40;
+    int32_t *pos = positions(&rng, n, 1);
+    float *k = frand(&rng, n * M), *v = frand(&rng, n * M), *q = frand(&rng, n * QROW);
+    float *out = fmalloc(n * QROW);
+    char why[1024];
+
+    /* Explicit ranks: every head of every layer says them. */
+    const char *paths[2] = {g_path_lorc, g_path_svdllm};
+    for (int i = 0; i < 2; i++) {
+        th_env e;
+        open_env(&e, paths[i]);
+        ck_assert_msg(KVC_HAS_FIELD(e.p, kvc_plugin, seq_describe) && e.p->seq_describe,
+                      "%s: no seq_describe", e.p->id);
+        if (i == 1) { /* svdllm needs calibration rows */
+            float *cal[L];
+            for (uint32_t l = 0; l < L; l++)
+                cal[l] = frand(&rng, 150 * HID);
+            const char *o[] = {"rank_k=4", "rank_v=6", NULL};
+            kvc_instance *in = build(&e, &g, o, w, cal, 150);
+            for (uint32_t l = 0; l < L; l++)
+                free(cal[l]);
+            kvc_seq *s;
+            ck_assert_int_eq(e.p->seq_open(in, &s), KVC_OK);
+            append_all(&e, s, 1, n, pos, k, v);
+            ck_assert_msg(th_check_describe(&e, s, L, 1, N_KV, (uint32_t)n, "rank_k=4", NULL,
+                                            why, sizeof why) == 0,
+                          "svdllm layer 1: %s", why);
+            ck_assert_msg(th_check_describe(&e, s, L, 0, N_KV, 0, "rank_v=6", NULL, why,
+                                            sizeof why) == 0,
+                          "svdllm layer 0: %s", why);
+            e.p->seq_close(s);
+            e.p->destroy(in);
+        } else {
+            const char *o[] = {"rank_k=4", "rank_v=6", NULL};
+            kvc_instance *in = build(&e, &g, o, w, NULL, 0);
+            kvc_seq *s;
+            ck_assert_int_eq(e.p->seq_open(in, &s), KVC_OK);
+            for (uint32_t l = 0; l < L; l++) {
+                size_t held = n - 10 * l;
+                append_all(&e, s, l, held, pos, k, v);
+                attend_all(&e, s, l, held, pos, q, out);
+                char *text = NULL;
+                ck_assert_msg(th_check_describe(&e, s, L, l, N_KV, (uint32_t)held, "rank_k=4",
+                                                &text, why, sizeof why) == 0,
+                              "lorc layer %u: %s", l, why);
+                ck_assert_msg(strstr(text, "rank_v=6"), "lorc layer %u: %s", l, text);
+                if (l == 0)
+                    printf("  seq_describe: lorc layer 0: %s", text);
+                free(text);
+            }
+            /* Errors name the layer on the sequence. */
+            size_t sz = 0;
+            ck_assert_int_eq(e.p->seq_describe(s, L, NULL, 0, &sz), KVC_E_INVALID);
+            ck_assert_ptr_nonnull(strstr(e.p->seq_message(s), "layer"));
+            e.p->seq_close(s);
+            e.p->destroy(in);
+        }
+        ck_assert_uint_eq(th_live_bytes(&e), 0);
+        th_close(&e);
+    }
+
+    /* Progressive ranks (lorc, fp32 latents): each layer's rank_k + rank_v
+     * is what that layer's payload holds per token (one group). */
+    th_env e;
+    open_env(&e, g_path_lorc);
+    const char *o[] = {"kv_ratio=0.6", "dtype=fp32", "spread=1", NULL};
+    kvc_instance *in = build(&e, &g, o, w, NULL, 0);
+    kvc_seq *s;
+    ck_assert_int_eq(e.p->seq_open(in, &s), KVC_OK);
+    uint64_t before = seq_stats(&e, s).bytes_payload;
+    long first_sum = -1;
+    int differ = 0;
+    for (uint32_t l = 0; l < L; l++) {
+        append_all(&e, s, l, n, pos, k, v);
+        uint64_t now = seq_stats(&e, s).bytes_payload;
+        char *text = NULL;
+        ck_assert_msg(th_check_describe(&e, s, L, l, N_KV, (uint32_t)n, NULL, &text, why,
+                                        sizeof why) == 0,
+                      "progressive layer %u: %s", l, why);
+        long rk = word_value(text, "rank_k"), rv = word_value(text, "rank_v");
+        printf("  seq_describe: progressive layer %u: rank_k %ld rank_v %ld\n", l, rk, rv);
+        ck_assert_msg(rk > 0 && rv > 0, "layer %u: %s", l, text);
+        ck_assert_msg((uint64_t)(rk + rv) * n * sizeof(float) == now - before,
+                      "layer %u: rank_k %ld + rank_v %ld, but the layer's payload is %llu B for "
+                      "%zu tokens", l, rk, rv, (unsigned long long)(now - before), n);
+        /* Both heads are one group: the same ranks. */
+        const char *second = strchr(text, '\n') + 1;
+        ck_assert_msg(word_value(second, "rank_k") == rk && word_value(second, "rank_v") == rv,
+                      "heads of one group differ: %s", text);
+        if (first_sum < 0)
+            first_sum = rk + rv;
+        differ |= rk + rv != first_sum;
+        before = now;
+        free(text);
+    }
+    ck_assert_msg(differ, "progressive ranks with spread 1 are equal in every layer");
+    e.p->seq_close(s);
+    e.p->destroy(in);
+    ck_assert_uint_eq(th_live_bytes(&e), 0);
+    th_close(&e);
+    for (uint32_t l = 0; l < L; l++)
+        lw_free(&w[l]);
+    free(pos), free(k), free(v), free(q), free(out);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
     if (argc < 4) {
@@ -1128,6 +1261,7 @@ int main(int argc, char **argv)
     TCase *bad = tcase_create("errors");
     tcase_set_timeout(bad, 120);
     tcase_add_test(bad, out_of_order_calls_and_bad_budgets_are_refused);
+    tcase_add_test(bad, seq_describe_reports_tokens_and_group_ranks);
     suite_add_tcase(su, bad);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
