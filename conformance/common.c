@@ -190,11 +190,21 @@ static char *xstrdup(const char *s)
     return d;
 }
 
+/* kc_filter is a comma-separated list of groups and group/test names. */
 static int matches_filter(const char *group, const char *full)
 {
     if (kc_filter == NULL || *kc_filter == '\0')
         return 1;
-    return strcmp(kc_filter, group) == 0 || strcmp(kc_filter, full) == 0;
+    for (const char *p = kc_filter; *p;) {
+        size_t n = strcspn(p, ",");
+        if ((strlen(group) == n && strncmp(p, group, n) == 0) ||
+            (strlen(full) == n && strncmp(p, full, n) == 0))
+            return 1;
+        p += n;
+        if (*p == ',')
+            p++;
+    }
+    return 0;
 }
 
 void kc_add(Suite *s, const char *group, const char *name, const TTest *fn, double timeout_s)

@@ -507,7 +507,7 @@ static void usage(FILE *f)
           "  --seed N             replay the random inputs of an earlier run\n"
           "  --junit FILE         write JUnit XML\n"
           "  --json FILE          write JSON\n"
-          "  --only GROUP[/TEST]  run one group or one test\n"
+          "  --only GROUP[/TEST][,...]  run these groups or tests only\n"
           "  --max-hangs N        after N hung tests skip the rest, saying why (default 2;\n"
           "                       0 = run everything whatever it costs)\n"
           "  --list               list the tests and exit\n"

@@ -8,6 +8,9 @@
  *   option_table         every option well formed, defaults valid, kv_ratio present
  *   struct_sizes         v1.0 sizes accepted, larger ones with a zero tail too,
  *                        smaller ones refused; stats written only up to struct_size
+ *   describe             seq_describe (1.2): size-then-copy, one line per KV head
+ *                        "head <h> key=value...", tokens= against what was
+ *                        appended and what materialize counts (KVC-REQ-21)
  *
  * The plugin may be broken on purpose: every value read from it is checked
  * before it is used (string lengths bounded, counts capped), and the ELF
@@ -240,6 +243,14 @@ static const struct {
 #undef FN
 
 #define KNOWN_CAPS_10 ((UINT64_C(1) << 14) - 1) /* KVC_CAP_CPU .. KVC_CAP_TOKEN_FLAGS */
+#define KNOWN_CAPS_12 (KNOWN_CAPS_10 | KVC_CAP_PROMPT_PHASE)
+
+/* The descriptor holds seq_describe: built against 1.2 or newer, with a
+ * struct_size that covers the pointer (an older one ends before it). */
+static int has_describe(const kvc_plugin *p)
+{
+    return KVC_VERSION_MINOR(p->abi_version) >= 2 && KVC_HAS_FIELD(p, kvc_plugin, seq_describe);
+}
 
 /* Status of an operation the caps say is absent: UNSUPPORTED (KVC-REQ-17). */
 static void expect_unsupported(kvc_status st, const char *op, const char *cap)
@@ -355,11 +366,13 @@ START_TEST(descriptor)
     ck_assert_msg(chars_in(p->license, ".+-() ", 0) && p->license[0] != ' ',
                   "descriptor license '%s' is not an SPDX expression", p->license);
 
-    /* Unknown bits are legal only from a newer minor, which may add some. */
-    uint64_t unknown = p->caps & ~KNOWN_CAPS_10;
-    ck_assert_msg(unknown == 0 || KVC_VERSION_MINOR(p->abi_version) > 0,
-                  "caps has bits 0x%llx unknown to ABI 1.0, and the plugin says it is 1.0",
-                  (unsigned long long)unknown);
+    /* Unknown bits are legal only from a newer minor, which may add some;
+     * 1.2 added KVC_CAP_PROMPT_PHASE (bit 14), and 1.1 added none. */
+    const uint32_t minor = KVC_VERSION_MINOR(p->abi_version);
+    uint64_t unknown = p->caps & ~(minor >= 2 ? KNOWN_CAPS_12 : KNOWN_CAPS_10);
+    ck_assert_msg(unknown == 0 || minor > 2,
+                  "caps has bits 0x%llx unknown to ABI 1.%u, and the plugin says it is 1.%u",
+                  (unsigned long long)unknown, minor, minor);
     ck_assert_msg(p->caps & (KVC_CAP_CPU | KVC_CAP_CUDA),
                   "caps 0x%llx has neither KVC_CAP_CPU nor KVC_CAP_CUDA: it runs nowhere",
                   (unsigned long long)p->caps);
@@ -370,6 +383,16 @@ START_TEST(descriptor)
         ck_assert_msg(fp != NULL, "function %s is NULL: every 1.0 function must be set "
                       "(KVC-REQ-17)", v10_functions[i].name);
     }
+    /* 1.2 appended seq_describe: set whenever the descriptor holds it. A
+     * 1.2 descriptor that ends before it is as short as a 1.1 one. */
+    if (minor >= 2)
+        ck_assert_msg(KVC_HAS_FIELD(p, kvc_plugin, seq_describe),
+                      "descriptor says ABI 1.%u but its struct_size %u ends before seq_describe "
+                      "(the 1.2 size is %zu)", minor, (unsigned)p->struct_size,
+                      V10(kvc_plugin, seq_describe));
+    if (has_describe(p))
+        ck_assert_msg(p->seq_describe != NULL, "function seq_describe is NULL: every 1.2 "
+                      "function must be set (KVC-REQ-17, KVC-REQ-21)");
 
     char caps[256];
     kvch_caps_string(p->caps, caps, sizeof caps);
@@ -577,6 +600,11 @@ static void stats_sized(kc_env *e, kvc_instance *inst, kvc_seq *s, int is_seq, u
     ck_assert_msg(KVC_VERSION_MINOR(e->p->abi_version) > 0 || i == end,
                   "%s with struct_size %u wrote byte %zu, past the ABI 1.0 size %zu it knows",
                   what, size, i, v10);
+    /* Nobody writes past struct_size: a 1.2 plugin asked with a 1.1-sized
+     * seq_stats leaves bytes_pending's place alone. */
+    i = first_diff(buf, orig, end, sizeof buf);
+    ck_assert_msg(i == sizeof buf, "%s with struct_size %u wrote byte %zu, past struct_size",
+                  what, size, i);
 }
 
 START_TEST(struct_sizes)
@@ -639,7 +667,8 @@ START_TEST(struct_sizes)
     const size_t sv10 = V10(kvc_seq_stats, bytes_fp16_full);
     const size_t iv10 = V10(kvc_instance_stats, seq_overhead_bytes);
     const uint32_t seq_sizes[] = {8, offsetof(kvc_seq_stats, bytes_payload),
-                                  (uint32_t)sv10 - 8, (uint32_t)sv10, (uint32_t)sv10 + 32};
+                                  (uint32_t)sv10 - 8, (uint32_t)sv10, (uint32_t)sv10 + 32,
+                                  (uint32_t)sizeof(kvc_seq_stats)};
     for (size_t i = 0; i < sizeof seq_sizes / sizeof seq_sizes[0]; i++)
         stats_sized(&e, inst, s, 1, seq_sizes[i], sv10);
     const uint32_t inst_sizes[] = {8, offsetof(kvc_instance_stats, kv_ratio),
@@ -652,8 +681,13 @@ START_TEST(struct_sizes)
     uint32_t nh = g.n_heads;
     size_t n_out = (size_t)4 * nh * g.head_dim;
     float *o1 = kc_guarded(n_out), *o2 = kc_guarded(n_out);
-    st = e.p->attend(s, 1, 4, t.pos + 12, t.q + (size_t)12 * nh * g.head_dim, o1);
-    ck_assert_msg(st == KVC_OK, "attend: %s: %s", kvch_status_string(st), e.p->seq_message(s));
+    /* A prompt-phase plugin's first attend of the layer is its prompt (it
+     * may compress there); compare the answers after it. */
+    for (int pass = (e.p->caps & KVC_CAP_PROMPT_PHASE) ? 0 : 1; pass < 2; pass++) {
+        st = e.p->attend(s, 1, 4, t.pos + 12, t.q + (size_t)12 * nh * g.head_dim, o1);
+        ck_assert_msg(st == KVC_OK, "attend: %s: %s", kvch_status_string(st),
+                      e.p->seq_message(s));
+    }
     struct {
         kvc_attend_item it;
         unsigned char tail[TAIL];
@@ -680,7 +714,234 @@ START_TEST(struct_sizes)
     kc_tokens_free(&t);
     e.p->seq_close(s);
     e.p->destroy(inst);
-    kc_figure("7 create sizes, 10 stats sizes, 1 item size");
+    kc_figure("7 create sizes, 11 stats sizes, 1 item size");
+    kc_unload(&e);
+}
+END_TEST
+
+/* ---- describe ------------------------------------------------------------------------ */
+
+/* 1 when w is "key=value" with key of [a-z0-9_]+ (value anything but a
+ * space; may be empty). */
+static int kv_word(const char *w, size_t len)
+{
+    size_t k = 0;
+    while (k < len && (islower((unsigned char)w[k]) || isdigit((unsigned char)w[k]) ||
+                       w[k] == '_'))
+        k++;
+    return k > 0 && k < len && w[k] == '=';
+}
+
+/* One layer's text, checked: the protocol (size query, KVC_E_BUFFER on 1
+ * byte and on need - 1 bytes with nothing written past the buffer, the
+ * copy NUL-terminated at its size), then the lines: exactly n_kv of them,
+ * "head <h> " in order, every further word key=value, one tokens=<n> per
+ * line with n <= appended. Writes the per-head counts to held [n_kv];
+ * returns the sum. `text` receives a copy of the text for the figure. */
+#define DESC_GUARD 32
+static uint64_t describe_layer(const kc_env *e, const kvc_seq *s, uint32_t layer, uint32_t n_kv,
+                               uint32_t appended, uint32_t *held, char *text, size_t text_cap)
+{
+    const kvc_plugin *p = e->p;
+    size_t need = 0;
+    kvc_status st = p->seq_describe(s, layer, NULL, 0, &need);
+    ck_assert_msg(st == KVC_OK, "seq_describe(layer %u, NULL buffer) returned %s (%d): %s",
+                  layer, kvch_status_string(st), st, p->seq_message(s));
+    ck_assert_msg(need >= 2 && need < (1u << 24),
+                  "seq_describe(layer %u) size query says %zu bytes for %u heads' lines", layer,
+                  need, n_kv);
+    unsigned char *raw = malloc(need + 2 * DESC_GUARD);
+    ck_assert_ptr_nonnull(raw);
+    char *buf = (char *)raw + DESC_GUARD;
+    const size_t small[2] = {1, need - 1};
+    for (int k = 0; k < 2; k++) {
+        memset(raw, 0xA5, need + 2 * DESC_GUARD);
+        size_t got = 0;
+        st = p->seq_describe(s, layer, buf, small[k], &got);
+        ck_assert_msg(st == KVC_E_BUFFER, "seq_describe(layer %u) into %zu bytes (%zu needed) "
+                      "returned %s (%d), expected KVC_E_BUFFER", layer, small[k], need,
+                      kvch_status_string(st), st);
+        ck_assert_msg(got == need, "seq_describe(layer %u) into %zu bytes: KVC_E_BUFFER with "
+                      "size %zu, but the size query said %zu", layer, small[k], got, need);
+        for (size_t i = 0; i < need + 2 * DESC_GUARD; i++) {
+            size_t at = i; /* offset in raw; the buffer is [DESC_GUARD, +small[k]) */
+            if (at >= DESC_GUARD && at < DESC_GUARD + small[k])
+                continue;
+            ck_assert_msg(raw[at] == 0xA5, "seq_describe(layer %u) into %zu bytes returned "
+                          "KVC_E_BUFFER but wrote byte %ld relative to the buffer", layer,
+                          small[k], (long)at - DESC_GUARD);
+        }
+        ck_assert_msg(p->seq_message(s)[0] != '\0', "seq_describe KVC_E_BUFFER without a "
+                      "message (KVC-REQ-5)");
+    }
+    memset(raw, 0xA5, need + 2 * DESC_GUARD);
+    size_t got = 0;
+    st = p->seq_describe(s, layer, buf, need, &got);
+    ck_assert_msg(st == KVC_OK, "seq_describe(layer %u) into %zu bytes (as asked) returned %s "
+                  "(%d): %s", layer, need, kvch_status_string(st), st, p->seq_message(s));
+    ck_assert_msg(got == need, "seq_describe(layer %u) wrote size %zu, the query said %zu",
+                  layer, got, need);
+    for (size_t i = 0; i < DESC_GUARD; i++)
+        ck_assert_msg(raw[i] == 0xA5 && raw[DESC_GUARD + need + i] == 0xA5,
+                      "seq_describe(layer %u) wrote outside its %zu-byte buffer", layer, need);
+    ck_assert_msg(buf[need - 1] == '\0' && strlen(buf) == need - 1,
+                  "seq_describe(layer %u): the %zu bytes are not one text NUL-terminated at "
+                  "its size (strlen %zu)", layer, need, strnlen(buf, need));
+    snprintf(text, text_cap, "%s", buf);
+
+    uint64_t sum = 0;
+    const char *line = buf;
+    for (uint32_t h = 0; h < n_kv; h++) {
+        const char *nl = strchr(line, '\n');
+        ck_assert_msg(nl != NULL, "seq_describe(layer %u) has %u lines, %u KV heads: \"%s\"",
+                      layer, h, n_kv, buf);
+        char head[32];
+        int hl = snprintf(head, sizeof head, "head %u ", h);
+        ck_assert_msg(strncmp(line, head, (size_t)hl) == 0,
+                      "seq_describe(layer %u) line %u does not start \"%s\": \"%.*s\"", layer, h,
+                      head, (int)(nl - line), line);
+        int n_tok = 0;
+        long tok = -1;
+        for (const char *w = line + hl; w < nl;) {
+            const char *end = w;
+            while (end < nl && *end != ' ')
+                end++;
+            ck_assert_msg(kv_word(w, (size_t)(end - w)),
+                          "seq_describe(layer %u) line %u: word \"%.*s\" is not key=value", layer,
+                          h, (int)(end - w), w);
+            if (strncmp(w, "tokens=", 7) == 0) {
+                char *stop = NULL;
+                tok = strtol(w + 7, &stop, 10);
+                ck_assert_msg(stop == end && tok >= 0,
+                              "seq_describe(layer %u) line %u: \"%.*s\" is not a count", layer, h,
+                              (int)(end - w), w);
+                n_tok++;
+            }
+            w = end < nl ? end + 1 : end;
+        }
+        ck_assert_msg(n_tok == 1, "seq_describe(layer %u) line %u has %d tokens= words (one "
+                      "wanted, KVC-REQ-21): \"%.*s\"", layer, h, n_tok, (int)(nl - line), line);
+        ck_assert_msg(tok <= (long)appended, "seq_describe(layer %u) head %u holds tokens=%ld, "
+                      "but %u were appended", layer, h, tok, appended);
+        held[h] = (uint32_t)tok;
+        sum += (uint64_t)tok;
+        line = nl + 1;
+    }
+    ck_assert_msg(*line == '\0', "seq_describe(layer %u) has more lines than its %u KV heads: "
+                  "\"%s\"", layer, n_kv, buf);
+    free(raw);
+    return sum;
+}
+
+START_TEST(describe)
+{
+    kc_env e;
+    kc_load(&e);
+    const kvc_plugin *p = e.p;
+    if (!has_describe(p)) {
+        uint32_t maj = KVC_VERSION_MAJOR(p->abi_version), min = KVC_VERSION_MINOR(p->abi_version);
+        kc_unload(&e);
+        kc_skip("plugin built against ABI %u.%u: seq_describe came in 1.2", maj, min);
+    }
+    ck_assert_msg(p->seq_describe != NULL, "seq_describe is NULL in a 1.2 descriptor");
+    if (!host_data()) {
+        kc_unload(&e);
+        kc_skip("tensors on the device: describe feeds host tokens");
+    }
+    kvc_geometry g = kc_geometry_small();
+    const uint32_t L = g.n_layers, n_kv = g.n_kv_heads;
+    kvc_instance *inst = kc_create_ready(&e, &g, NULL);
+    kvc_seq *s = NULL;
+    kvc_status st = p->seq_open(inst, &s);
+    ck_assert_msg(st == KVC_OK && s, "seq_open: %s", kvch_status_string(st));
+
+    /* Layer 0: a prompt, then decode steps, each attended; layer 1 a batch
+     * appended and not attended (pending); the other layers nothing. */
+    kc_rng r;
+    kc_rng_init(&r, 0xde5c2);
+    kc_tokens t;
+    const uint32_t prompt = 37, steps = 6, pend = 20;
+    kc_tokens_make(&t, &g, prompt + steps, 0, &r);
+    const size_t qrow = (size_t)g.n_heads * g.head_dim, krow = (size_t)n_kv * g.head_dim;
+    float *out = kc_guarded((size_t)prompt * qrow);
+    st = p->append(s, 0, prompt, t.pos, t.k, t.v, t.flags);
+    ck_assert_msg(st == KVC_OK, "append: %s: %s", kvch_status_string(st), p->seq_message(s));
+    st = p->attend(s, 0, prompt, t.pos, t.q, out);
+    ck_assert_msg(st == KVC_OK, "attend: %s: %s", kvch_status_string(st), p->seq_message(s));
+    for (uint32_t i = prompt; i < prompt + steps; i++) {
+        st = p->append(s, 0, 1, t.pos + i, t.k + i * krow, t.v + i * krow, t.flags + i);
+        ck_assert_msg(st == KVC_OK, "append: %s: %s", kvch_status_string(st), p->seq_message(s));
+        st = p->attend(s, 0, 1, t.pos + i, t.q + i * qrow, out);
+        ck_assert_msg(st == KVC_OK, "attend: %s: %s", kvch_status_string(st), p->seq_message(s));
+    }
+    st = p->append(s, 1, pend, t.pos, t.k, t.v, t.flags);
+    ck_assert_msg(st == KVC_OK, "append: %s: %s", kvch_status_string(st), p->seq_message(s));
+    kc_guard_check(out, (size_t)prompt * qrow, "attend output");
+    kc_guard_free(out);
+
+    uint32_t appended[64] = {0};
+    appended[0] = prompt + steps;
+    appended[1] = pend;
+    char first[512] = "", text[512];
+    uint32_t held[64], counts[64];
+    for (uint32_t l = 0; l < L && l < 64; l++) {
+        uint64_t sum = describe_layer(&e, s, l, n_kv, appended[l], held, text, sizeof text);
+        if (l == 0)
+            snprintf(first, sizeof first, "%s", text);
+        if (!(p->caps & KVC_CAP_COMPRESS_TOKENS))
+            for (uint32_t h = 0; h < n_kv; h++)
+                ck_assert_msg(held[h] == appended[l], "layer %u head %u: tokens=%u, but a "
+                              "plugin that drops no tokens holds all %u appended", l, h, held[h],
+                              appended[l]);
+        if (p->caps & KVC_CAP_MATERIALIZE) {
+            kvc_materialized m;
+            memset(&m, 0, sizeof m);
+            m.struct_size = sizeof m;
+            m.n_tokens = counts;
+            st = p->materialize(s, l, &m);
+            ck_assert_msg(st == KVC_OK, "materialize (counting, layer %u): %s: %s", l,
+                          kvch_status_string(st), p->seq_message(s));
+            uint64_t msum = 0;
+            for (uint32_t h = 0; h < n_kv; h++) {
+                msum += counts[h];
+                ck_assert_msg(counts[h] == held[h], "layer %u head %u: seq_describe says "
+                              "tokens=%u, materialize counts %u", l, h, held[h], counts[h]);
+            }
+            ck_assert_msg(msum == sum, "layer %u: seq_describe's tokens sum to %llu, "
+                          "materialize's counts to %llu", l, (unsigned long long)sum,
+                          (unsigned long long)msum);
+        }
+    }
+
+    /* Bad input: a layer out of range and a NULL size are INVALID, the
+     * first with a message; nothing is written. */
+    size_t sz = 12345;
+    st = p->seq_describe(s, L, NULL, 0, &sz);
+    ck_assert_msg(st == KVC_E_INVALID, "seq_describe(layer %u of %u) returned %s (%d), "
+                  "expected KVC_E_INVALID", L, L, kvch_status_string(st), st);
+    ck_assert_msg(sz == 12345, "seq_describe(layer out of range) wrote *size");
+    ck_assert_msg(p->seq_message(s)[0] != '\0', "seq_describe(layer out of range) failed "
+                  "without a message (KVC-REQ-5)");
+    st = p->seq_describe(s, UINT32_MAX, NULL, 0, &sz);
+    ck_assert_msg(st == KVC_E_INVALID, "seq_describe(layer UINT32_MAX) returned %s (%d)",
+                  kvch_status_string(st), st);
+    char little[8];
+    st = p->seq_describe(s, 0, NULL, 0, NULL);
+    ck_assert_msg(st == KVC_E_INVALID, "seq_describe(size NULL, buffer NULL) returned %s (%d)",
+                  kvch_status_string(st), st);
+    st = p->seq_describe(s, 0, little, sizeof little, NULL);
+    ck_assert_msg(st == KVC_E_INVALID, "seq_describe(size NULL) returned %s (%d)",
+                  kvch_status_string(st), st);
+    /* Still usable afterwards. */
+    (void)describe_layer(&e, s, 0, n_kv, appended[0], held, text, sizeof text);
+
+    kc_tokens_free(&t);
+    p->seq_close(s);
+    p->destroy(inst);
+    char *nl = strchr(first, '\n');
+    if (nl)
+        *nl = '\0';
+    kc_figure("%u layers x %u heads described; layer 0 head 0: \"%s\"", L, n_kv, first);
     kc_unload(&e);
 }
 END_TEST
@@ -693,4 +954,5 @@ void kc_group_abi(Suite *s)
     kc_add(s, "abi", "descriptor", descriptor, 30);
     kc_add(s, "abi", "option_table", option_table, 30);
     kc_add(s, "abi", "struct_sizes", struct_sizes, 30);
+    kc_add(s, "abi", "describe", describe, 30);
 }

@@ -159,6 +159,11 @@ static void probe(fix *f, kvc_seq *s, float dst[2][OUT4], const char *when)
 
 static void snapshot(fix *f)
 {
+    /* A prompt-phase plugin profiles and compresses on the first attend of
+     * a layer (KVC_CAP_PROMPT_PHASE): the reference is what it answers
+     * after that, when the same queries only read. */
+    if (f->e.p->caps & KVC_CAP_PROMPT_PHASE)
+        probe(f, f->s, f->ref, "(the prompt, before the snapshot)");
     probe(f, f->s, f->ref, "(snapshot)");
     f->tokens = seq_tokens(f, f->s);
 }

@@ -2,15 +2,19 @@
  * t_memory.c -- group "memory": what a plugin reports against what it
  * promised and what the host's allocator saw.
  *
- *   budget                 resident <= kv_ratio * fp16_full + seq_overhead
- *                          after every append, at every kv_ratio the plugin
- *                          accepts (KVC-REQ-9)
+ *   budget                 resident - pending <= kv_ratio * fp16_full +
+ *                          seq_overhead after every append, and with pending
+ *                          0 the plain bound after every attend that covers
+ *                          the batch, at every kv_ratio the plugin accepts
+ *                          (KVC-REQ-9; bytes_pending is ABI 1.2, 0 from an
+ *                          older plugin)
  *   reported_vs_allocated  reported bytes == bytes held at the allocator,
  *                          exactly, after every operation (KVC-REQ-7)
  *   bytes_per_token        growth per token as declared, up to 8k tokens
  *                          (quick) or 32k (full) on SmolLM2's head shape
- *   stats_consistency      the parts add up; token and fp16 counts follow
- *                          the geometry, also for a head shard
+ *   stats_consistency      the parts add up, pending <= resident; token and
+ *                          fp16 counts follow the geometry, also for a head
+ *                          shard
  *
  * No tolerance anywhere: the ABI states these as equalities and bounds on
  * integers, and the tracking allocator counts requested bytes exactly.
@@ -28,6 +32,9 @@ static const double LADDER[] = {0.0625, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3
 
 /* ---- helpers ------------------------------------------------------------------ */
 
+/* The sequence's stats at this host's size (1.2: bytes_pending included).
+ * Zero-filled first: a 1.0/1.1 plugin fills only the fields it knows, so
+ * bytes_pending reads 0 from it (it compresses, or holds, on append). */
 static kvc_seq_stats seq_stats(const kc_env *e, const kvc_seq *s)
 {
     kvc_seq_stats st;
@@ -140,28 +147,56 @@ static uint32_t batch_at(uint32_t i, uint32_t prefill)
 /* ---- budget ------------------------------------------------------------------------- */
 
 typedef struct budget_run {
-    double worst_use;    /* max resident / (kv_ratio * fp16_full + overhead) */
-    double end_of_fp16;  /* resident / fp16_full at the end of the run */
+    double worst_use;     /* max (resident - pending) / (kv_ratio * fp16_full + overhead) */
+    double end_of_fp16;   /* resident / fp16_full at the end of the run */
+    uint64_t max_pending; /* largest bytes_pending seen after an append */
 } budget_run;
 
-/* The promise for one sequence now; `what` names the moment. */
+/* When check_budget looks. */
+enum {
+    AFTER_APPEND, /* tokens may be pending: the bound holds without them */
+    AT_REST       /* nothing appended yet, or every appended position attended:
+                     pending is 0 and the plain bound holds */
+};
+
+/* The promise for one sequence now; `what` names the moment. Returns the
+ * fraction of the budget used and raises r->max_pending. */
 static double check_budget(const kc_env *e, const kvc_seq *s, const kvc_instance_stats *is,
-                           const char *config, const char *what)
+                           const char *config, const char *what, int moment, budget_run *r)
 {
     kvc_seq_stats st = seq_stats(e, s);
     double limit = is->kv_ratio * (double)st.bytes_fp16_full + (double)is->seq_overhead_bytes;
-    ck_assert_msg((double)st.bytes_resident <= limit,
-                  "KVC-REQ-9 (%s) %s: resident %llu B > kv_ratio %.6g x fp16_full %llu B + "
-                  "seq_overhead %llu B = %.0f B (%llu tokens appended)",
-                  config, what, (unsigned long long)st.bytes_resident, is->kv_ratio,
-                  (unsigned long long)st.bytes_fp16_full,
+    ck_assert_msg(st.bytes_pending <= st.bytes_resident,
+                  "KVC-REQ-9 (%s) %s: bytes_pending %llu B exceeds bytes_resident %llu B (the "
+                  "pending bytes are part of the resident ones)",
+                  config, what, (unsigned long long)st.bytes_pending,
+                  (unsigned long long)st.bytes_resident);
+    if (moment == AT_REST)
+        ck_assert_msg(st.bytes_pending == 0,
+                      "KVC-REQ-9 (%s) %s: bytes_pending %llu B after an attend whose last query "
+                      "is at or after every appended position (or before any append): it must "
+                      "be 0 there (resident %llu B, %llu tokens appended)",
+                      config, what, (unsigned long long)st.bytes_pending,
+                      (unsigned long long)st.bytes_resident,
+                      (unsigned long long)st.tokens_appended);
+    uint64_t counted = st.bytes_resident - st.bytes_pending;
+    ck_assert_msg((double)counted <= limit,
+                  "KVC-REQ-9 (%s) %s: resident %llu B - pending %llu B = %llu B > kv_ratio %.6g "
+                  "x fp16_full %llu B + seq_overhead %llu B = %.0f B (%llu tokens appended)",
+                  config, what, (unsigned long long)st.bytes_resident,
+                  (unsigned long long)st.bytes_pending, (unsigned long long)counted,
+                  is->kv_ratio, (unsigned long long)st.bytes_fp16_full,
                   (unsigned long long)is->seq_overhead_bytes, limit,
                   (unsigned long long)st.tokens_appended);
-    return limit > 0 ? (double)st.bytes_resident / limit : 0;
+    if (st.bytes_pending > r->max_pending)
+        r->max_pending = st.bytes_pending;
+    return limit > 0 ? (double)counted / limit : 0;
 }
 
 /* Two sequences, interleaved, prefill then decode, checking after every
- * append and attend of every layer. */
+ * append (pending allowed) and after every attend (of exactly the batch
+ * just appended: its last query is at the last appended position, so
+ * nothing is pending any more). */
 static budget_run run_budget(kc_env *e, kvc_instance *inst, const kvc_geometry *g, uint32_t n,
                              const char *config)
 {
@@ -169,9 +204,10 @@ static budget_run run_budget(kc_env *e, kvc_instance *inst, const kvc_geometry *
     kc_tokens *ta = make_layers(g, n, 1), *tb = make_layers(g, n, 2);
     kvc_seq *s[2] = {open_seq(e, inst), open_seq(e, inst)};
     kc_tokens *t[2] = {ta, tb};
-    budget_run r = {0, 0};
+    budget_run r = {0, 0, 0};
     for (int k = 0; k < 2; k++)
-        r.worst_use = fmax(r.worst_use, check_budget(e, s[k], &is, config, "empty sequence"));
+        r.worst_use =
+            fmax(r.worst_use, check_budget(e, s[k], &is, config, "empty sequence", AT_REST, &r));
     uint32_t at[2] = {0, 0}, step[2] = {0, 0};
     const uint32_t prefill[2] = {n / 2, 100};
     while (at[0] < n || at[1] < n) {
@@ -186,10 +222,12 @@ static budget_run run_budget(kc_env *e, kvc_instance *inst, const kvc_geometry *
                 append_ok(e, s[k], g, l, &t[k][l], at[k], b);
                 snprintf(what, sizeof what, "after appending %u tokens at %d to layer %u", b,
                          t[k][l].pos[at[k]], l);
-                r.worst_use = fmax(r.worst_use, check_budget(e, s[k], &is, config, what));
+                r.worst_use = fmax(r.worst_use,
+                                   check_budget(e, s[k], &is, config, what, AFTER_APPEND, &r));
                 attend_ok(e, s[k], g, l, &t[k][l], at[k], b);
-                snprintf(what, sizeof what, "after attending on layer %u", l);
-                r.worst_use = fmax(r.worst_use, check_budget(e, s[k], &is, config, what));
+                snprintf(what, sizeof what, "after attending the %u queries on layer %u", b, l);
+                r.worst_use =
+                    fmax(r.worst_use, check_budget(e, s[k], &is, config, what, AT_REST, &r));
             }
             at[k] += b;
         }
@@ -220,6 +258,7 @@ START_TEST(budget)
     budget_run r0 = run_budget(&e, inst, &g, n, "as configured");
     e.p->destroy(inst);
     double worst = r0.worst_use;
+    uint64_t max_pending = r0.max_pending;
     char ladder[1024];
     int len = snprintf(ladder, sizeof ladder, "as configured %.3f", r0.end_of_fp16);
 
@@ -263,6 +302,8 @@ START_TEST(budget)
         budget_run r = run_budget(&e, inst, &g, n, config);
         e.p->destroy(inst);
         worst = fmax(worst, r.worst_use);
+        if (r.max_pending > max_pending)
+            max_pending = r.max_pending;
         honoured++;
         if (len < (int)sizeof ladder)
             len += snprintf(ladder + len, sizeof ladder - (size_t)len, ", r=%g %.3f", want,
@@ -271,11 +312,15 @@ START_TEST(budget)
     ck_assert_msg(honoured > 0 || lo > LADDER[N_LADDER - 1] || hi < LADDER[0],
                   "create refused every kv_ratio tried in the option's own range [%g, %g]", lo,
                   hi);
+    char pend[64] = "";
+    if (max_pending)
+        snprintf(pend, sizeof pend, "; pending up to %llu B after appends",
+                 (unsigned long long)max_pending);
     if (refused)
-        kc_figure("max %.3f of budget; resident/fp16 at %u tok: %s; refused r<=%g", worst, n,
-                  ladder, refused_hi);
+        kc_figure("max %.3f of budget; resident/fp16 at %u tok: %s; refused r<=%g%s", worst, n,
+                  ladder, refused_hi, pend);
     else
-        kc_figure("max %.3f of budget; resident/fp16 at %u tok: %s", worst, n, ladder);
+        kc_figure("max %.3f of budget; resident/fp16 at %u tok: %s%s", worst, n, ladder, pend);
     kc_unload(&e);
 }
 END_TEST
@@ -449,6 +494,12 @@ START_TEST(bytes_per_token)
         ck_assert_msg(st.tokens_appended == (uint64_t)held * g.n_layers,
                       "tokens_appended %llu after %u tokens on %u layers",
                       (unsigned long long)st.tokens_appended, held, g.n_layers);
+        /* Every layer's last query was at its last appended position:
+         * nothing is pending (ABI 1.2), so the plain bound holds. */
+        ck_assert_msg(st.bytes_pending == 0,
+                      "KVC-REQ-9 at %u tokens: bytes_pending %llu B after each layer attended "
+                      "a query at its last appended position: it must be 0 there",
+                      held, (unsigned long long)st.bytes_pending);
         double limit = is.kv_ratio * (double)st.bytes_fp16_full + (double)is.seq_overhead_bytes;
         ck_assert_msg((double)st.bytes_resident <= limit,
                       "KVC-REQ-9 at %u tokens: resident %llu B > %.0f B (kv_ratio %.6g x "
@@ -499,6 +550,11 @@ static void check_stats(const kc_env *e, const kvc_seq *s, const kvc_geometry *g
                   what, (unsigned long long)st.bytes_resident,
                   (unsigned long long)st.bytes_payload, (unsigned long long)st.bytes_metadata,
                   (unsigned long long)st.bytes_reserved, (unsigned long long)st.bytes_fixed);
+    ck_assert_msg(st.bytes_pending <= st.bytes_resident,
+                  "%s: bytes_pending %llu exceeds bytes_resident %llu (pending bytes are part of "
+                  "the resident ones)",
+                  what, (unsigned long long)st.bytes_pending,
+                  (unsigned long long)st.bytes_resident);
     ck_assert_msg(st.tokens_appended == tokens,
                   "%s: tokens_appended %llu, but %llu tokens (summed over layers) were appended "
                   "and not truncated",
@@ -519,8 +575,9 @@ static void check_stats(const kc_env *e, const kvc_seq *s, const kvc_geometry *g
                       what, (unsigned long long)st.head_tokens_resident,
                       (unsigned long long)tokens * kv);
     if (tokens == 0)
-        ck_assert_msg(st.bytes_payload == 0, "%s: no tokens but %llu payload bytes", what,
-                      (unsigned long long)st.bytes_payload);
+        ck_assert_msg(st.bytes_payload == 0 && st.bytes_pending == 0,
+                      "%s: no tokens but %llu payload bytes, %llu pending", what,
+                      (unsigned long long)st.bytes_payload, (unsigned long long)st.bytes_pending);
 }
 
 /* Uneven layers, then truncate, then empty again; returns checks made. */
