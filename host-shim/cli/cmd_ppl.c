@@ -5,6 +5,8 @@
  * second half of each chunk scored). The first half of a chunk is the
  * prompt (append + attend as prefill); the second half follows as
  * generation, in one batch or token by token (equal by the ABI's rule).
+ * --verbose tallies, per layer, what the plugin's seq_describe (ABI 1.2)
+ * says of each chunk's sequence: its policy= words and the tokens held.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -20,7 +22,7 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: kvc ppl (--plugin NAME|PATH [--opt name=value]... [--artifact FILE] | --exact)\n"
             "               [--model GGUF] [--text FILE] [--ctx N] [--chunks N]\n"
-            "               [--token-by-token] [--vs-exact] [--json]\n"
+            "               [--token-by-token] [--vs-exact] [--verbose] [--json]\n"
             "  Perplexity on FILE (default " DEFAULT_TEXT ") in chunks of N tokens\n"
             "  (default 512; all whole chunks unless --chunks), scoring each chunk's second\n"
             "  half as llama.cpp's llama-perplexity does.\n"
@@ -29,6 +31,10 @@ static void usage(FILE *f)
             "                    the difference\n"
             "  --token-by-token  feed each chunk's second half one token per step (default:\n"
             "                    one batch; the ABI's step rule makes them equal)\n"
+            "  --verbose         per layer, the policies the plugin chose per KV head and the\n"
+            "                    share of appended tokens it held, over all chunks (from its\n"
+            "                    seq_describe, kvc ABI 1.2; read right before each chunk's\n"
+            "                    sequence is reset)\n"
             "  --json            print the result as one JSON object on stdout\n"
             "  The model defaults to $KVC_MODEL, else $KVC_MODEL_DIR (default ~/.cache/kvc)/\n"
             "  SmolLM2-135M-Instruct.Q4_1.gguf, fetched by scripts/fetch-model.sh.\n");
@@ -52,11 +58,182 @@ static void progress(void *user, uint32_t chunk, uint32_t n_chunks, double ppl)
     fflush(stderr);
 }
 
+/* ---- --verbose: seq_describe tallied over chunks ------------------------------------ */
+
+#define MAX_POLICIES 16
+
+typedef struct policy_count {
+    char name[64];
+    uint64_t heads; /* (KV head, chunk) pairs that reported it */
+} policy_count;
+
+typedef struct layer_tally {
+    policy_count pol[MAX_POLICIES];
+    uint32_t n_pol;
+    uint64_t other;    /* heads whose policy did not fit in pol[] */
+    uint64_t held;     /* tokens= summed over heads and chunks */
+    uint64_t possible; /* tokens appended to the layer x heads, summed over chunks */
+} layer_tally;
+
+typedef struct describe_tally {
+    uint32_t n_layers;
+    layer_tally *layers; /* [n_layers] */
+    uint32_t chunks;     /* chunks described */
+    int any_policy;      /* some line had a policy= word */
+    int unsupported;     /* no seq_describe: `why` says so; nothing tallied */
+    char why[512];
+} describe_tally;
+
+static void tally_policy(layer_tally *L, const char *name, size_t len)
+{
+    for (uint32_t i = 0; i < L->n_pol; i++)
+        if (strlen(L->pol[i].name) == len && !strncmp(L->pol[i].name, name, len)) {
+            L->pol[i].heads++;
+            return;
+        }
+    if (L->n_pol == MAX_POLICIES || len >= sizeof L->pol[0].name) {
+        L->other++;
+        return;
+    }
+    memcpy(L->pol[L->n_pol].name, name, len);
+    L->pol[L->n_pol].name[len] = '\0';
+    L->pol[L->n_pol++].heads = 1;
+}
+
+/* kvch_ppl_params.chunk_done: describes every layer of the chunk's
+ * sequence and adds its lines (one per KV head) to the tally. A store
+ * without seq_describe (exact, or a plugin before 1.2) is noted once and
+ * the run goes on. */
+static kvc_status tally_chunk(void *user, uint32_t chunk, const kvch_kv *kv, char *err,
+                              size_t cap)
+{
+    describe_tally *t = user;
+    (void)chunk;
+    if (t->unsupported)
+        return KVC_OK;
+    kvc_seq_stats st;
+    kvc_status s = kvch_kv_stats(kv, &st);
+    if (s) {
+        snprintf(err, cap, "--verbose: seq_stats failed: %s", kvch_status_string(s));
+        return s;
+    }
+    const uint64_t appended = st.tokens_appended / t->n_layers; /* every layer alike */
+    for (uint32_t l = 0; l < t->n_layers; l++) {
+        char *text = NULL;
+        s = kvch_kv_describe(kv, l, &text, err, cap);
+        if (s == KVC_E_UNSUPPORTED) {
+            t->unsupported = 1;
+            snprintf(t->why, sizeof t->why, "%s", err);
+            err[0] = '\0';
+            return KVC_OK;
+        }
+        if (s)
+            return s;
+        layer_tally *L = &t->layers[l];
+        for (char *line = text; *line;) {
+            char *nl = strchr(line, '\n');
+            char *end = nl ? nl : line + strlen(line);
+            for (char *w = line; w < end;) {
+                char *we = w;
+                while (we < end && *we != ' ')
+                    we++;
+                if (we - w > 7 && !strncmp(w, "policy=", 7)) {
+                    tally_policy(L, w + 7, (size_t)(we - w - 7));
+                    t->any_policy = 1;
+                } else if (we - w > 7 && !strncmp(w, "tokens=", 7)) {
+                    L->held += strtoull(w + 7, NULL, 10);
+                }
+                w = we < end ? we + 1 : we;
+            }
+            L->possible += appended;
+            line = nl ? nl + 1 : end;
+        }
+        free(text);
+    }
+    t->chunks++;
+    return KVC_OK;
+}
+
+/* Policies of a layer, most frequent first (ties in first-seen order). */
+static void sort_policies(layer_tally *L)
+{
+    for (uint32_t i = 1; i < L->n_pol; i++)
+        for (uint32_t j = i; j > 0 && L->pol[j].heads > L->pol[j - 1].heads; j--) {
+            policy_count x = L->pol[j];
+            L->pol[j] = L->pol[j - 1];
+            L->pol[j - 1] = x;
+        }
+}
+
+static double held_share(const layer_tally *L)
+{
+    return L->possible ? (double)L->held / (double)L->possible : 0.0;
+}
+
+/* The tally as text: one line per layer, or one line saying why there is
+ * nothing to show. */
+static void print_tally(describe_tally *t, const char *plugin_id)
+{
+    if (t->unsupported) {
+        printf("policies    none: %s\n", t->why);
+        return;
+    }
+    uint64_t held = 0, possible = 0;
+    for (uint32_t l = 0; l < t->n_layers; l++)
+        held += t->layers[l].held, possible += t->layers[l].possible;
+    if (!t->any_policy) {
+        printf("policies    none reported: %s's seq_describe names no policy= (held %.1f%% of "
+               "the tokens appended, %u chunks)\n",
+               plugin_id, possible ? 100.0 * (double)held / (double)possible : 0.0, t->chunks);
+        return;
+    }
+    printf("policies    per layer: KV heads x %u chunks per policy; held = tokens kept / "
+           "appended (%.1f%% overall)\n",
+           t->chunks, possible ? 100.0 * (double)held / (double)possible : 0.0);
+    for (uint32_t l = 0; l < t->n_layers; l++) {
+        layer_tally *L = &t->layers[l];
+        sort_policies(L);
+        printf("  layer %2u: ", l);
+        for (uint32_t i = 0; i < L->n_pol; i++)
+            printf("%s%s %llu", i ? " | " : "", L->pol[i].name,
+                   (unsigned long long)L->pol[i].heads);
+        if (L->other)
+            printf("%sother %llu", L->n_pol ? " | " : "", (unsigned long long)L->other);
+        printf("   held %.1f%%\n", 100.0 * held_share(L));
+    }
+}
+
+/* The tally as a JSON member: "policies": [{"layer": 0, "counts": {...},
+ * "held": 0.41}, ...], or null with "policies_note" saying why. */
+static void json_tally(describe_tally *t)
+{
+    if (t->unsupported) {
+        printf(", \"policies\": null, \"policies_note\": ");
+        json_str(stdout, t->why);
+        return;
+    }
+    printf(", \"policies\": [");
+    for (uint32_t l = 0; l < t->n_layers; l++) {
+        layer_tally *L = &t->layers[l];
+        sort_policies(L);
+        printf("%s{\"layer\": %u, \"counts\": {", l ? ", " : "", l);
+        for (uint32_t i = 0; i < L->n_pol; i++) {
+            printf("%s", i ? ", " : "");
+            json_str(stdout, L->pol[i].name);
+            printf(": %llu", (unsigned long long)L->pol[i].heads);
+        }
+        if (L->other)
+            printf("%s\"other\": %llu", L->n_pol ? ", " : "", (unsigned long long)L->other);
+        printf("}, \"held\": %.6f}", held_share(L));
+    }
+    printf("]");
+}
+
 static int run_ppl(kvc_session_args *a, int argc, char **argv)
 {
     const char *text_path = DEFAULT_TEXT;
     long n_ctx = 512, n_chunks = 0;
-    int token_by_token = 0, vs_exact = 0, json = 0, rc = 1;
+    int token_by_token = 0, vs_exact = 0, json = 0, verbose = 0, rc = 1;
     for (int i = 1; i < argc; i++) {
         int r = session_arg("ppl", a, argc, argv, &i);
         if (r < 0)
@@ -73,6 +250,8 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
             vs_exact = 1;
         } else if (!strcmp(o, "--json")) {
             json = 1;
+        } else if (!strcmp(o, "--verbose") || !strcmp(o, "-v")) {
+            verbose = 1;
         } else if ((!strcmp(o, "--text") || !strcmp(o, "--ctx") || !strcmp(o, "--chunks")) &&
                    i + 1 < argc) {
             const char *v = argv[++i];
@@ -105,6 +284,7 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
     uint8_t *flags = NULL;
     size_t text_len = 0, n_ids = 0;
     kvch_kv *exact = NULL;
+    describe_tally tally = {0};
     if (session_open(&s, "ppl", a, (uint32_t)n_ctx) || session_kv(&s, "ppl", (uint32_t)n_ctx))
         goto done;
     if (kvch_read_file(text_path, &text, &text_len, err, sizeof err) ||
@@ -137,12 +317,23 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
         fflush(stdout);
     }
     progress_state ps = {isatty(2), session_now()};
-    kvch_ppl_params pp = {(uint32_t)n_ctx, (uint32_t)n_chunks, token_by_token, progress, &ps};
+    kvch_ppl_params pp = {.n_ctx = (uint32_t)n_ctx, .n_chunks = (uint32_t)n_chunks,
+                          .token_by_token = token_by_token, .progress = progress, .user = &ps};
+    if (verbose) {
+        tally.n_layers = hp->n_layer;
+        if (!(tally.layers = calloc(hp->n_layer ? hp->n_layer : 1, sizeof *tally.layers))) {
+            fprintf(stderr, "kvc ppl: out of memory\n");
+            goto done;
+        }
+        pp.chunk_done = tally_chunk;
+        pp.chunk_user = &tally;
+    }
     kvch_ppl_result r, rx = {0};
     if (kvch_perplexity(s.ctx, s.kv, s.model.llama, ids, flags, n_ids, &pp, &r, err, sizeof err)) {
         fprintf(stderr, "kvc ppl: %s\n", err);
         goto done;
     }
+    pp.chunk_done = NULL; /* the exact comparison is not tallied */
     kvch_tracker_stats ts = {0};
     if (s.tracker)
         kvch_tracker_get(s.tracker, &ts);
@@ -180,6 +371,8 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
         printf(", \"prefill_tokens_per_s\": %.2f, \"generation_tokens_per_s\": %.2f",
                r.prefill_tokens / r.prefill_s, r.gen_tokens / r.gen_s);
         printf(", \"generation\": \"%s\"", gen_mode);
+        if (verbose)
+            json_tally(&tally);
         if (vs_exact)
             printf(", \"exact_ppl\": %.6f, \"ppl_rel_diff\": %.3e", rx.ppl,
                    (r.ppl - rx.ppl) / rx.ppl);
@@ -202,11 +395,14 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
                "(%llu tokens, %s)\n",
                r.prefill_tokens / r.prefill_s, (unsigned long long)r.prefill_tokens,
                r.gen_tokens / r.gen_s, (unsigned long long)r.gen_tokens, gen_mode);
+        if (verbose)
+            print_tally(&tally, s.p ? s.p->id : "exact");
         printf("wall time   %.1f s\n", wall);
     }
     rc = 0;
 done:
     kvch_kv_free(exact);
+    free(tally.layers);
     free(flags);
     free(ids);
     free(text);

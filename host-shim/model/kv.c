@@ -15,6 +15,7 @@
 
 #include "kvck.h"
 #include "errmsg.h"
+#include "kvch.h"
 #include "llama.h"
 
 #define EXACT_BLOCK 64u   /* tokens per block, as kvc-full.so's default */
@@ -306,6 +307,9 @@ kvc_status kvch_kv_attend(kvch_kv *kv, uint32_t layer, uint32_t n, const int32_t
 kvc_status kvch_kv_stats(const kvch_kv *kv, kvc_seq_stats *st)
 {
     if (kv->p) {
+        /* Zero first: a plugin fills only the fields it knows (a pre-1.2
+         * one leaves bytes_pending, which is then 0). */
+        memset(st, 0, sizeof *st);
         st->struct_size = sizeof *st;
         return kv->p->seq_stats(kv->seq, st);
     }
@@ -326,4 +330,15 @@ kvc_status kvch_kv_stats(const kvch_kv *kv, kvc_seq_stats *st)
     st->bytes_resident = st->bytes_payload + st->bytes_metadata + st->bytes_reserved +
                          st->bytes_fixed;
     return KVC_OK;
+}
+
+kvc_status kvch_kv_describe(const kvch_kv *kv, uint32_t layer, char **text_out, char *err,
+                            size_t cap)
+{
+    if (!kv || !text_out)
+        return kvch_fail(err, cap, KVC_E_INVALID, "kv: describe: NULL argument");
+    if (!kv->p)
+        return kvch_fail(err, cap, KVC_E_UNSUPPORTED,
+                         "kv: the built-in exact store has no seq_describe");
+    return kvch_seq_describe(kv->p, kv->seq, layer, text_out, err, cap);
 }

@@ -111,8 +111,20 @@ kvc_status kvch_kv_attend(kvch_kv *kv, uint32_t layer, uint32_t n, const int32_t
                           const float *q_pre, float *out, char *err, size_t err_size);
 
 /* Resident bytes and tokens as the store reports them (the plugin's
- * seq_stats; for the exact store its own fp32 arrays). */
+ * seq_stats at this host's struct size, zero-filled first so a pre-1.2
+ * plugin's bytes_pending reads 0; for the exact store its own fp32
+ * arrays). */
 kvc_status kvch_kv_stats(const kvch_kv *kv, kvc_seq_stats *st);
+
+/* The plugin's seq_describe text for `layer` of the store's sequence (ABI
+ * 1.2, KVC-REQ-21: one line per KV head, "head <h> key=value ...", always
+ * with tokens=), in *text_out, malloc'd and NUL-terminated; the caller
+ * frees it. KVC_E_UNSUPPORTED (*text_out untouched, err says why) for the
+ * exact store and for a plugin built before 1.2; otherwise the plugin's
+ * status with its message in err (INVALID for a layer out of range).
+ * Reads only: the sequence is not changed. */
+kvc_status kvch_kv_describe(const kvch_kv *kv, uint32_t layer, char **text_out, char *err,
+                            size_t err_size);
 
 /* ---- forward pass ----------------------------------------------------------- */
 

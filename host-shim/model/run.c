@@ -173,6 +173,8 @@ kvc_status kvch_perplexity(kvch_llama_ctx *c, kvch_kv *kv, const kvch_llama *m,
             r->kv_bytes_per_token = toks > 0 ? (double)st.bytes_resident / toks : 0.0;
             r->fp16_bytes_per_token = toks > 0 ? (double)st.bytes_fp16_full / toks : 0.0;
         }
+        if (p->chunk_done && (s = p->chunk_done(p->chunk_user, ch, kv, err, cap)))
+            break;
         if (p->progress)
             p->progress(p->user, ch + 1, n_chunks, exp(nll / (double)r->n_scored));
     }

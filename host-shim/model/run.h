@@ -48,6 +48,17 @@ typedef struct kvch_ppl_params {
     /* called after each chunk (may be NULL) */
     void (*progress)(void *user, uint32_t chunk, uint32_t n_chunks, double ppl);
     void *user;
+    /* Called, when set, once per chunk (chunk 0 .. n_chunks-1) after its
+     * tokens were scored and before the store is reset for the next chunk
+     * or the function returns: kv then holds the chunk's whole sequence
+     * (n_ctx - 1 tokens appended to every layer, every one attended). For
+     * inspection only (kvch_kv_stats, kvch_kv_describe): the callback must
+     * not append, attend or reset. A non-OK return stops kvch_perplexity
+     * with that status and the callback's words in err. Runs before
+     * `progress` of the same chunk. */
+    kvc_status (*chunk_done)(void *chunk_user, uint32_t chunk, const kvch_kv *kv, char *err,
+                             size_t err_size);
+    void *chunk_user;
 } kvch_ppl_params;
 
 typedef struct kvch_ppl_result {

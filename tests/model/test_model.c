@@ -854,7 +854,7 @@ static double real_ppl(kvch_kv *kv, uint32_t n_ctx, uint32_t chunks, int step)
     char err[1024];
     kvch_llama_ctx *c = NULL;
     ck_assert_int_eq(kvch_llama_ctx_new(M.llama, n_ctx, &c, err, sizeof err), KVC_OK);
-    kvch_ppl_params pp = {n_ctx, chunks, step, NULL, NULL};
+    kvch_ppl_params pp = {.n_ctx = n_ctx, .n_chunks = chunks, .token_by_token = step};
     kvch_ppl_result r;
     ck_assert_msg(kvch_perplexity(c, kv, M.llama, gpl, gpl_flags, n_gpl, &pp, &r, err,
                                   sizeof err) == KVC_OK,
