@@ -2,7 +2,9 @@
 # Benchmarks (figures, not tests): decode time per token (append 1 token +
 # attend 1 query) on one layer of SmolLM2-135M's geometry, at 1k-64k
 # context, for `full` (fp32, fp16) and the low-rank plugins at kv_ratio
-# 0.75 / 0.5 / 0.35 (svdllm also with key_space=post), beside memcpy
+# 0.75 / 0.5 / 0.35 (svdllm also with key_space=post), FastGen (t = 0.95
+# in fp16; kv_ratio 0.5 and 0.25; its prompt is the first warm-up step, a
+# single query over the whole context of random keys), beside memcpy
 # bandwidth. Two tables: cache cold (configurations interleaved step by
 # step, CPU caches flushed before each step: a model whose other layers ran
 # in between; the ratios to `full` are measured side by side) and cache warm
@@ -33,6 +35,7 @@ configs=(
   'lorc|kv_ratio=0.75' 'lorc|kv_ratio=0.5' 'lorc|kv_ratio=0.35'
   'svdllm|kv_ratio=0.75' 'svdllm|kv_ratio=0.5' 'svdllm|kv_ratio=0.35'
   'svdllm|kv_ratio=0.5|key_space=post'
+  'fastgen|dtype=fp16' 'fastgen|kv_ratio=0.5' 'fastgen|kv_ratio=0.25'
 )
 args=(--contexts 1024,4096,16384,65536 --reps 20)
 for c in "${configs[@]}"; do

@@ -38,3 +38,6 @@ TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" "$tsan/plugins/full
 # The low-rank core (shared by lorc and svdllm) under the same test.
 TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" "$tsan/plugins/lorc/kvc-lorc.so" \
   --only semantics/threads
+# FastGen's steps, profiling and eviction under the same test.
+TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" \
+  "$tsan/plugins/fastgen/kvc-fastgen.so" --only semantics/threads

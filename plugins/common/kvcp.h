@@ -116,6 +116,19 @@ void kvcp_seqlist_remove(kvcp_seqlist *l, kvcp_link *x);
 /* Unlinks and returns the first entry, NULL when empty (destroy only). */
 kvcp_link *kvcp_seqlist_pop(kvcp_seqlist *l);
 
+/* Allocates a zeroed instance struct of `size` bytes (KVC_USAGE_INSTANCE)
+ * whose kvcp_seqlist sits at byte `seqs_offset`, and initializes that list.
+ * NOMEM or INTERNAL (mutex) with the reason; *out untouched on error. */
+kvc_status kvcp_instance_alloc(const kvc_host *h, size_t size, size_t seqs_offset, void **out,
+                               char *msg, size_t cap);
+
+/* Pops every sequence left open on an instance being destroyed and frees
+ * each with free_seq (its link is the first member of the plugin's struct
+ * kvc_seq); logs a warning naming the plugin when there were any. Then
+ * destroys the list. */
+void kvcp_seqlist_drain(kvcp_seqlist *l, void (*free_seq)(kvcp_link *), const kvc_host *h,
+                        const char *plugin_id);
+
 /* What attend_batch needs to know of a plugin's sequences. */
 typedef struct kvcp_batch_ops {
     const kvc_instance *(*inst)(const kvc_seq *s);
@@ -219,6 +232,15 @@ kvc_status kvcp_describe(uint32_t n_heads, kvcp_describe_line line, const void *
 /* Fills a caller's stats struct of out_size (its struct_size) from a full
  * one, never past what the caller's struct holds; keeps its struct_size. */
 void kvcp_stats_out(void *out, const void *full, size_t full_size);
+
+/* instance_stats' common body: the size check and the fields. */
+kvc_status kvcp_instance_stats_out(kvc_instance_stats *out, uint64_t bytes_params,
+                                   uint64_t bytes_fixed, double kv_ratio, uint64_t overhead);
+
+/* Checks a materialize request: out (struct size, n_tokens) and layer
+ * range; INVALID with the reason. */
+kvc_status kvcp_check_materialize(const kvcp_geom *g, uint32_t layer, const kvc_materialized *out,
+                                  char *msg, size_t cap);
 
 /* Checks an attend request against the geometry: layer, query count,
  * NULL pointers, query positions, finiteness of q_pre. */

@@ -138,13 +138,11 @@ kvc_status lr_create(const lr_method *meth, const kvc_create_info *info, const l
     if ((st = check_config(&g, meth, &cfg, &n_groups, &m, msg, cap)))
         return st;
 
-    kvc_instance *in = kvcp_alloc(&host, sizeof *in, KVC_USAGE_INSTANCE);
-    if (!in)
-        return kvcp_fail(msg, cap, KVC_E_NOMEM, "out of memory for the instance");
-    if (kvcp_seqlist_init(&in->seqs)) {
-        kvcp_free(&host, in, sizeof *in);
-        return kvcp_fail(msg, cap, KVC_E_INTERNAL, "pthread_mutex_init failed");
-    }
+    kvc_instance *in = NULL;
+    st = kvcp_instance_alloc(&host, sizeof *in, offsetof(kvc_instance, seqs), (void **)&in, msg,
+                             cap);
+    if (st)
+        return st;
     in->host = host;
     in->g = g;
     in->meth = meth;
@@ -203,16 +201,16 @@ static void seq_free(kvc_seq *s)
     kvcp_free(&in->host, s, sizeof *s);
 }
 
+static void seq_free_link(kvcp_link *x)
+{
+    seq_free((kvc_seq *)x); /* link is the first member */
+}
+
 void lr_destroy(kvc_instance *in)
 {
     if (!in)
         return;
-    unsigned left = 0;
-    for (kvcp_link *x; (x = kvcp_seqlist_pop(&in->seqs)); left++)
-        seq_free((kvc_seq *)x); /* link is the first member */
-    if (left)
-        kvcp_log(&in->host, KVC_LOG_WARN, "%s: destroy freed %u sequence(s) left open",
-                 in->meth->id, left);
+    kvcp_seqlist_drain(&in->seqs, seq_free_link, &in->host, in->meth->id);
     if (in->layers) {
         for (uint32_t l = 0; l < in->g.n_layers; l++) {
             lr_prep_free(in, &in->layers[l]);
@@ -220,7 +218,6 @@ void lr_destroy(kvc_instance *in)
         }
         kvcp_free(&in->host, in->layers, (size_t)in->g.n_layers * sizeof(lr_layer));
     }
-    kvcp_seqlist_destroy(&in->seqs);
     kvc_host host = in->host;
     kvcp_free(&host, in, sizeof *in);
 }
@@ -232,17 +229,11 @@ const char *lr_instance_message(const kvc_instance *in)
 
 kvc_status lr_instance_stats(const kvc_instance *in, kvc_instance_stats *out)
 {
-    if (!in || !out)
+    if (!in)
         return KVC_E_INVALID;
-    if (out->struct_size < KVCP_V10_SIZE(kvc_instance_stats, seq_overhead_bytes))
-        return KVC_E_VERSION;
-    kvc_instance_stats st = {0};
-    st.bytes_params = in->bytes_params;
-    st.bytes_fixed = sizeof *in + (size_t)in->g.n_layers * sizeof(lr_layer) + in->bytes_prep;
-    st.kv_ratio = in->kv_ratio;
-    st.seq_overhead_bytes = in->seq_overhead;
-    kvcp_stats_out(out, &st, sizeof st);
-    return KVC_OK;
+    return kvcp_instance_stats_out(
+        out, in->bytes_params, sizeof *in + (size_t)in->g.n_layers * sizeof(lr_layer) + in->bytes_prep,
+        in->kv_ratio, in->seq_overhead);
 }
 
 /* ---- sequences ------------------------------------------------------------------ */

@@ -324,3 +324,56 @@ kvc_status kvcp_check_append(const kvcp_geom *g, uint32_t layer, uint32_t n,
                          "append: k_pre or v holds NaN or Inf (layer %u)", layer);
     return KVC_OK;
 }
+
+void kvcp_seqlist_drain(kvcp_seqlist *l, void (*free_seq)(kvcp_link *), const kvc_host *h,
+                        const char *plugin_id)
+{
+    unsigned left = 0;
+    for (kvcp_link *x; (x = kvcp_seqlist_pop(l)); left++)
+        free_seq(x);
+    if (left)
+        kvcp_log(h, KVC_LOG_WARN, "%s: destroy freed %u sequence(s) left open", plugin_id, left);
+    kvcp_seqlist_destroy(l);
+}
+
+kvc_status kvcp_instance_stats_out(kvc_instance_stats *out, uint64_t bytes_params,
+                                   uint64_t bytes_fixed, double kv_ratio, uint64_t overhead)
+{
+    if (!out)
+        return KVC_E_INVALID;
+    if (out->struct_size < KVCP_V10_SIZE(kvc_instance_stats, seq_overhead_bytes))
+        return KVC_E_VERSION;
+    kvc_instance_stats st = {0};
+    st.bytes_params = bytes_params;
+    st.bytes_fixed = bytes_fixed;
+    st.kv_ratio = kv_ratio;
+    st.seq_overhead_bytes = overhead;
+    kvcp_stats_out(out, &st, sizeof st);
+    return KVC_OK;
+}
+
+kvc_status kvcp_check_materialize(const kvcp_geom *g, uint32_t layer, const kvc_materialized *out,
+                                  char *msg, size_t cap)
+{
+    if (!out || out->struct_size < KVCP_V10_SIZE(kvc_materialized, v) || !out->n_tokens)
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "materialize: out is NULL, too small, or has no n_tokens array");
+    if (layer >= g->n_layers)
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "materialize: layer %u >= n_layers %u", layer,
+                         g->n_layers);
+    return KVC_OK;
+}
+
+kvc_status kvcp_instance_alloc(const kvc_host *h, size_t size, size_t seqs_offset, void **out,
+                               char *msg, size_t cap)
+{
+    char *in = kvcp_alloc(h, size, KVC_USAGE_INSTANCE);
+    if (!in)
+        return kvcp_fail(msg, cap, KVC_E_NOMEM, "out of memory for the instance");
+    if (kvcp_seqlist_init((kvcp_seqlist *)(in + seqs_offset))) {
+        kvcp_free(h, in, size);
+        return kvcp_fail(msg, cap, KVC_E_INTERNAL, "pthread_mutex_init failed");
+    }
+    *out = in;
+    return KVC_OK;
+}

@@ -78,13 +78,11 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
                              want, dtype == FULL_F32 ? "fp32" : "fp16", need);
     }
 
-    kvc_instance *in = kvcp_alloc(&host, sizeof *in, KVC_USAGE_INSTANCE);
-    if (!in)
-        return kvcp_fail(msg, msg_size, KVC_E_NOMEM, "out of memory for the instance");
-    if (kvcp_seqlist_init(&in->seqs)) {
-        kvcp_free(&host, in, sizeof *in);
-        return kvcp_fail(msg, msg_size, KVC_E_INTERNAL, "pthread_mutex_init failed");
-    }
+    kvc_instance *in = NULL;
+    st = kvcp_instance_alloc(&host, sizeof *in, offsetof(kvc_instance, seqs), (void **)&in, msg,
+                             msg_size);
+    if (st)
+        return st;
     in->host = host;
     in->g = g;
     in->dtype = dtype;
@@ -110,16 +108,16 @@ static void seq_free(kvc_seq *s)
     kvcp_free(&in->host, s, sizeof *s);
 }
 
+static void seq_free_link(kvcp_link *x)
+{
+    seq_free((kvc_seq *)x); /* link is the first member */
+}
+
 static void full_destroy(kvc_instance *in)
 {
     if (!in)
         return;
-    unsigned left = 0;
-    for (kvcp_link *x; (x = kvcp_seqlist_pop(&in->seqs)); left++)
-        seq_free((kvc_seq *)x); /* link is the first member */
-    if (left)
-        kvcp_log(&in->host, KVC_LOG_WARN, "full: destroy freed %u sequence(s) left open", left);
-    kvcp_seqlist_destroy(&in->seqs);
+    kvcp_seqlist_drain(&in->seqs, seq_free_link, &in->host, FULL_ID);
     kvc_host host = in->host;
     kvcp_free(&host, in, sizeof *in);
 }
@@ -165,17 +163,9 @@ static kvc_status full_save(kvc_instance *in, void *buf, size_t buf_size, size_t
 
 static kvc_status full_instance_stats(const kvc_instance *in, kvc_instance_stats *out)
 {
-    if (!in || !out)
+    if (!in)
         return KVC_E_INVALID;
-    if (out->struct_size < KVCP_V10_SIZE(kvc_instance_stats, seq_overhead_bytes))
-        return KVC_E_VERSION;
-    kvc_instance_stats st = {0};
-    st.bytes_params = 0;
-    st.bytes_fixed = sizeof *in;
-    st.kv_ratio = in->kv_ratio;
-    st.seq_overhead_bytes = in->seq_overhead;
-    kvcp_stats_out(out, &st, sizeof st);
-    return KVC_OK;
+    return kvcp_instance_stats_out(out, 0, sizeof *in, in->kv_ratio, in->seq_overhead);
 }
 
 /* ---- sequences ------------------------------------------------------------ */

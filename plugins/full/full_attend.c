@@ -184,12 +184,9 @@ kvc_status full_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
         return KVC_E_INVALID;
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
-    if (!out || out->struct_size < KVCP_V10_SIZE(kvc_materialized, v) || !out->n_tokens)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "materialize: out is NULL, too small, or has no n_tokens array");
-    if (layer >= g->n_layers)
-        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                         "materialize: layer %u >= n_layers %u", layer, g->n_layers);
+    kvc_status st = kvcp_check_materialize(g, layer, out, s->msg, sizeof s->msg);
+    if (st)
+        return st;
     const kvcp_pages *L = &s->layers[layer];
     if (out->positions && out->capacity < L->n)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_BUFFER,

@@ -465,7 +465,7 @@ int main(int argc, char **argv)
     printf("x full = median / median of `full` (defaults, fp32) at the same context; B/token = "
            "bytes_resident / tokens / layers, of fp16 = bytes_resident / bytes_fp16_full;\n"
            "GB/s = payload bytes (every held K/V value or latent once) / attend median, "
-           "of read = that / streaming read\n");
+           "of read = that / streaming read; kept = head-tokens held / (tokens x KV heads)\n");
     for (int i = 0; i < n_cfg; i++)
         if (cs[i].p)
             printf("  %-8s %s  (%s %s)%s%s\n", cs[i].p->id, cs[i].label,
@@ -475,9 +475,9 @@ int main(int argc, char **argv)
     int lw = 10;
     for (int i = 0; i < n_cfg; i++)
         lw = (int)strlen(cs[i].label) > lw ? (int)strlen(cs[i].label) : lw;
-    printf("%-8s %-*s %7s %10s %7s %10s %7s %8s %7s %7s %7s\n", "plugin", lw, "options",
-           "context", "step us", "x full", "attend us", "x full", "B/token", "of fp16", "GB/s",
-           "of read");
+    printf("%-8s %-*s %7s %10s %7s %10s %7s %6s %8s %7s %7s %7s\n", "plugin", lw, "options",
+           "context", "step us", "x full", "attend us", "x full", "kept", "B/token", "of fp16",
+           "GB/s", "of read");
     fflush(stdout);
 
     const size_t chunk = CHUNK;
@@ -554,9 +554,12 @@ int main(int argc, char **argv)
                     snprintf(xs, sizeof xs, "%.2f", ms / ref_step);
                     snprintf(xa, sizeof xa, "%.2f", ma / ref_att);
                 }
-                printf("%-8s %-*s %7zu %10.1f %7s %10.1f %7s %8.1f %6.1f%% %7.2f %6.0f%%\n",
-                       c->p->id, lw, c->label, N, 1e6 * ms, xs, 1e6 * ma, xa, bpt, 100 * f16,
-                       gbs / 1e9, 100.0 * gbs / rbw);
+                double kept = st.tokens_appended ? (double)st.head_tokens_resident /
+                                                       ((double)st.tokens_appended * N_KV)
+                                                 : 0;
+                printf("%-8s %-*s %7zu %10.1f %7s %10.1f %7s %5.1f%% %8.1f %6.1f%% %7.2f %6.0f%%\n",
+                       c->p->id, lw, c->label, N, 1e6 * ms, xs, 1e6 * ma, xa, 100 * kept, bpt,
+                       100 * f16, gbs / 1e9, 100.0 * gbs / rbw);
             }
             c->p->seq_close(c->seq);
             c->seq = NULL;

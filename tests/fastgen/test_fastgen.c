@@ -156,20 +156,29 @@ static kvc_seq_stats stats(plug *x)
     return st;
 }
 
-/* One layer, 2 query heads on one KV head of 16, no RoPE, scale 1: the
- * scores are exactly the dot products the patterns below design. */
-static kvc_geometry pattern_geometry(void)
+/* A small geometry: n_layers, query heads over KV heads of head_dim d. */
+static kvc_geometry small_geometry(uint32_t n_layers, uint32_t heads, uint32_t kv, uint32_t d,
+                                   int32_t rope_style)
 {
     kvc_geometry g;
     memset(&g, 0, sizeof g);
     g.struct_size = sizeof g;
-    g.n_layers = 1;
-    g.n_heads = 2;
-    g.n_kv_heads = 1;
-    g.head_dim = 16;
-    g.hidden_size = 32;
+    g.n_layers = n_layers;
+    g.n_heads = heads;
+    g.n_kv_heads = kv;
+    g.head_dim = d;
+    g.hidden_size = 2 * d;
     g.max_positions = 4096;
-    g.rope_style = KVC_ROPE_NONE;
+    g.rope_style = rope_style;
+    g.rope_theta = 10000.0f;
+    return g;
+}
+
+/* One layer, 2 query heads on one KV head of 16, no RoPE, scale 1: the
+ * scores are exactly the dot products the patterns below design. */
+static kvc_geometry pattern_geometry(void)
+{
+    kvc_geometry g = small_geometry(1, 2, 1, 16, KVC_ROPE_NONE);
     g.attn_scale = 1.0f;
     return g;
 }
@@ -274,20 +283,10 @@ END_TEST
 
 /* ---- exactness, step rule, budget ------------------------------------------------- */
 
+/* Two layers, 6 query heads over 2 KV heads of 32, RoPE. */
 static kvc_geometry random_geometry(void)
 {
-    kvc_geometry g;
-    memset(&g, 0, sizeof g);
-    g.struct_size = sizeof g;
-    g.n_layers = 2;
-    g.n_heads = 6;
-    g.n_kv_heads = 2;
-    g.head_dim = 32;
-    g.hidden_size = 64;
-    g.max_positions = 4096;
-    g.rope_style = KVC_ROPE_ADJACENT;
-    g.rope_theta = 10000.0f;
-    return g;
+    return small_geometry(2, 6, 2, 32, KVC_ROPE_ADJACENT);
 }
 
 static const uint32_t MIXED[] = {100, 1, 3, 1, 17, 1, 1, 40, 2, 1, 9};
