@@ -377,6 +377,49 @@ void kvck_attn_init(kvck_attn *a, size_t rows, size_t group, size_t dk, size_t d
     attn_reset(m, l, acc, rows, dv);
 }
 
+/* ---- explicit-softmax pieces (kvck.h) ------------------------------------ */
+
+void kvck_scores(size_t rows, size_t d, const float *q, size_t ldq, const float *k, size_t ldk,
+                 size_t n, float *s, size_t lds)
+{
+    if (rows == 0 || n == 0)
+        return;
+#ifdef KVCK_ATTN_AVX2
+    if (rows <= KVCK_FEW_ROWS && have_avx2_fma()) {
+        /* dv = 0: nothing to prefetch. */
+        scores_few_avx2(rows, d, q, ldq, k, ldk, n, s, lds, k, ldk, 0);
+        return;
+    }
+#endif
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)n, (int)d, 1.0f, q,
+                (int)ldq, k, (int)ldk, 0.0f, s, (int)lds);
+}
+
+void kvck_pv(size_t rows, size_t dv, const float *p, size_t ldp, const float *v, size_t ldv,
+             size_t n, float *acc)
+{
+    if (rows == 0 || n == 0)
+        return;
+#ifdef KVCK_ATTN_AVX2
+    if (rows <= KVCK_FEW_ROWS && have_avx2_fma()) {
+        pv_few_avx2(rows, dv, p, ldp, v, ldv, n, acc);
+        return;
+    }
+#endif
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)dv, (int)n, 1.0f, p,
+                (int)ldp, v, (int)ldv, 1.0f, acc, (int)dv);
+}
+
+float kvck_row_max(const float *s, size_t n)
+{
+    return n ? row_max(s, n) : -INFINITY;
+}
+
+float kvck_row_exp(float *s, size_t n, float m)
+{
+    return n ? row_exp(s, n, m) : 0.0f;
+}
+
 /* One block of n <= a->block keys (the public entry splits longer runs). */
 static void attn_block1(kvck_attn *a, const float *q, size_t ldq, const float *k, size_t ldk,
                         const float *v, size_t ldv, const int32_t *k_pos, size_t n)

@@ -90,6 +90,26 @@ void kvck_attn_block(kvck_attn *a, const float *q, size_t ldq,
  * zeros. */
 void kvck_attn_finish(const kvck_attn *a, float *out, size_t ldo);
 
+/* ---- explicit-softmax pieces --------------------------------------------- */
+/* For plugins that need the attention probabilities themselves (token
+ * eviction keeps cumulative attention per key): the same score, max, exp
+ * and P.V code the streaming kernel runs, AVX2 for few rows where the CPU
+ * has it, CBLAS otherwise. */
+
+/* s [rows][lds] (first n columns) = q [rows][ldq] . k [n][ldk]^T, d wide. */
+void kvck_scores(size_t rows, size_t d, const float *q, size_t ldq, const float *k, size_t ldk,
+                 size_t n, float *s, size_t lds);
+
+/* acc [rows][dv] += p [rows][ldp] (n wide) . v [n][ldv]. */
+void kvck_pv(size_t rows, size_t dv, const float *p, size_t ldp, const float *v, size_t ldv,
+             size_t n, float *acc);
+
+/* Largest of s [n] (-inf when n == 0 or all are -inf). */
+float kvck_row_max(const float *s, size_t n);
+
+/* s [n] <- exp(s - m), -inf giving 0; returns the sum. */
+float kvck_row_exp(float *s, size_t n, float m);
+
 /* ---- whole attention over dense token-major arrays ---------------------- */
 
 /* Shape and rules of one dense attention call. */

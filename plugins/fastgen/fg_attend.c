@@ -9,7 +9,6 @@
  * evicts. Every allocation of a call happens before its first step, so a
  * call that fails with NOMEM has changed nothing.
  */
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,7 +120,9 @@ static void block_kv(const kvc_instance *in, void *blk, uint32_t nb, const fg_sc
 /* Attention of `rows` query rows (query r / G at qpos[r / G]) over head
  * h's kept tokens: probabilities into sc->p [rows][h->n], outputs into
  * out [rows][d]. A key is seen iff its position <= the query's and inside
- * the window; a row that sees none gets zeros. */
+ * the window; a row that sees none gets zeros. Explicit softmax (the
+ * probabilities feed the cumulative scores) on the kernels' score, exp and
+ * P.V pieces. */
 static void head_attend(const kvc_instance *in, const fg_head *h, size_t rows,
                         const float *q, const int32_t *qpos, const fg_scratch *sc, float *out)
 {
@@ -135,32 +136,25 @@ static void head_attend(const kvc_instance *in, const fg_head *h, size_t rows,
         size_t nb = b + 1 == h->n_blocks ? n - b * B : B;
         const float *k, *v;
         block_kv(in, h->blocks[b], (uint32_t)nb, sc, &k, &v);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)nb, (int)d, 1.0f, q,
-                    (int)d, k, (int)d, 0.0f, p + b * B, (int)n);
+        kvck_scores(rows, d, q, d, k, d, nb, p + b * B, n);
     }
     for (size_t r = 0; r < rows; r++) {
         float *pr = p + r * n;
         int32_t qp = qpos[r / G];
-        float m = -INFINITY;
-        for (size_t j = 0; j < n; j++) {
-            int32_t kp = fg_blk_pos(in, h->blocks[j / B])[j % B];
-            int seen = kp <= qp && (!g->window || (int64_t)qp - kp < (int64_t)g->window);
-            if (!seen)
-                pr[j] = -INFINITY;
-            else if (pr[j] > m)
-                m = pr[j];
+        for (uint32_t b = 0; b < h->n_blocks; b++) {
+            size_t nb = b + 1 == h->n_blocks ? n - b * B : B;
+            const int32_t *kp = fg_blk_pos(in, h->blocks[b]);
+            float *pb = pr + b * B;
+            for (size_t j = 0; j < nb; j++)
+                if (kp[j] > qp || (g->window && (int64_t)qp - kp[j] >= (int64_t)g->window))
+                    pb[j] = -INFINITY;
         }
+        float m = kvck_row_max(pr, n);
         if (m == -INFINITY) {
             memset(pr, 0, n * sizeof(float));
             continue;
         }
-        float sum = 0;
-        for (size_t j = 0; j < n; j++) {
-            float e = pr[j] == -INFINITY ? 0.0f : expf(pr[j] - m);
-            pr[j] = e;
-            sum += e;
-        }
-        float inv = 1.0f / sum;
+        float inv = 1.0f / kvck_row_exp(pr, n, m);
         for (size_t j = 0; j < n; j++)
             pr[j] *= inv;
     }
@@ -168,8 +162,7 @@ static void head_attend(const kvc_instance *in, const fg_head *h, size_t rows,
         size_t nb = b + 1 == h->n_blocks ? n - b * B : B;
         const float *k, *v;
         block_kv(in, h->blocks[b], (uint32_t)nb, sc, &k, &v);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)d, (int)nb, 1.0f,
-                    p + b * B, (int)n, v, (int)d, 1.0f, out, (int)d);
+        kvck_pv(rows, d, p + b * B, n, v, d, nb, out);
     }
 }
 

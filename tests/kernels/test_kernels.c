@@ -684,6 +684,77 @@ static void naive_block_ref(size_t rows, size_t group, size_t dk, size_t dv, uin
 /* The block API fed in uneven blocks equals one pass over all keys, and
  * both match the naive reference; strides wider than the data, dv != dk,
  * a window and a query that sees nothing. */
+/* The explicit-softmax pieces against plain double loops, for few rows
+ * (the AVX2 path where the CPU has it) and many (CBLAS), with strides. */
+START_TEST(test_explicit_softmax_pieces)
+{
+    rng r = {g_seed ^ 0x5e7u};
+    const size_t rows_list[] = {1, 3, 16, 17, 40};
+    for (size_t ri = 0; ri < sizeof rows_list / sizeof rows_list[0]; ri++) {
+        const size_t rows = rows_list[ri], d = rng_range(&r, 1, 80), n = rng_range(&r, 1, 70);
+        const size_t ldq = d + 3, ldk = d + 1, lds = n + 5, ldv = d + 2;
+        float *q = malloc(rows * ldq * sizeof *q), *k = malloc(n * ldk * sizeof *k);
+        float *v = malloc(n * ldv * sizeof *v), *sc = malloc(rows * lds * sizeof *sc);
+        float *acc = malloc(rows * d * sizeof *acc);
+        CHECK1(q && k && v && sc && acc);
+        fill(&r, q, rows * ldq, 1.0f);
+        fill(&r, k, n * ldk, 1.0f);
+        fill(&r, v, n * ldv, 1.0f);
+        fill(&r, acc, rows * d, 1.0f);
+        double *want_acc = malloc(rows * d * sizeof *want_acc);
+        CHECK1(want_acc != NULL);
+        for (size_t i = 0; i < rows * d; i++)
+            want_acc[i] = acc[i];
+        kvck_scores(rows, d, q, ldq, k, ldk, n, sc, lds);
+        for (size_t a = 0; a < rows; a++) {
+            double m = -INFINITY;
+            for (size_t j = 0; j < n; j++) {
+                double t = 0;
+                for (size_t c = 0; c < d; c++)
+                    t += (double)q[a * ldq + c] * k[j * ldk + c];
+                CHECK(fabs(sc[a * lds + j] - t) <= 1e-5 * (1 + fabs(t)),
+                      "rows %zu d %zu n %zu: score (%zu,%zu) %g, want %g", rows, d, n, a, j,
+                      (double)sc[a * lds + j], t);
+                m = t > m ? t : m;
+            }
+            if (n > 1)
+                sc[a * lds + n - 1] = -INFINITY; /* a masked key */
+            float mx = kvck_row_max(sc + a * lds, n);
+            double mw = -INFINITY;
+            for (size_t j = 0; j < n; j++)
+                mw = sc[a * lds + j] > mw ? sc[a * lds + j] : mw;
+            CHECK(mx == (float)mw, "row max %g, want %g", (double)mx, mw);
+            double sum_w = 0;
+            float before[80];
+            for (size_t j = 0; j < n && j < 80; j++)
+                before[j] = sc[a * lds + j];
+            float sum = kvck_row_exp(sc + a * lds, n, mx);
+            for (size_t j = 0; j < n && j < 80; j++) {
+                double e = before[j] == -INFINITY ? 0.0 : exp((double)before[j] - mx);
+                sum_w += e;
+                CHECK(fabs(sc[a * lds + j] - e) <= 1e-6 * (1 + e), "exp %g, want %g",
+                      (double)sc[a * lds + j], e);
+            }
+            CHECK(fabs(sum - sum_w) <= 1e-5 * sum_w, "exp sum %g, want %g", (double)sum, sum_w);
+            for (size_t c = 0; c < d; c++) {
+                double t = 0;
+                for (size_t j = 0; j < n; j++)
+                    t += (double)sc[a * lds + j] * v[j * ldv + c];
+                want_acc[a * d + c] += t;
+            }
+            (void)m;
+        }
+        kvck_pv(rows, d, sc, lds, v, ldv, n, acc);
+        for (size_t i = 0; i < rows * d; i++)
+            CHECK(fabs(acc[i] - want_acc[i]) <= 1e-4 * (1 + fabs(want_acc[i])),
+                  "rows %zu: P.V %zu is %g, want %g", rows, i, (double)acc[i], want_acc[i]);
+        free(q), free(k), free(v), free(sc), free(acc), free(want_acc);
+    }
+    CHECK1(kvck_row_max(NULL, 0) == -INFINITY);
+    CHECK1(kvck_row_exp(NULL, 0, 0.0f) == 0.0f);
+}
+END_TEST
+
 START_TEST(test_attn_blocks_uneven)
 {
     rng g = {g_seed ^ 0xb10c};
@@ -786,6 +857,7 @@ static Suite *kernels_suite(void)
     tcase_add_test(tc, test_attention_fixed);
     tcase_add_test(tc, test_attention_no_keys);
     tcase_add_test(tc, test_attn_blocks_uneven);
+    tcase_add_test(tc, test_explicit_softmax_pieces);
     suite_add_tcase(s, tc);
     return s;
 }
