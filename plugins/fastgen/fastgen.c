@@ -148,7 +148,6 @@ static kvc_status fg_create(const kvc_create_info *info, kvc_instance **out, cha
     in->tok_bytes = 2 * g.head_dim * in->elem + sizeof(int32_t) + sizeof(float) + 1;
     in->head_tokens_per_token = htpt;
     in->kv_ratio = cfg.kv_ratio > 0 ? cfg.kv_ratio : full_ratio(&g, in->elem, B);
-    snprintf(in->policies_text, sizeof in->policies_text, "%s", v[OPT_POLICIES].str);
     /* Per layer and head: one partly filled block, the first table, a cap's
      * "+1" token and the two ceil() roundings; the first run array. */
     in->seq_overhead = fg_seq_fixed_bytes(in) +

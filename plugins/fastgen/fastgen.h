@@ -153,7 +153,6 @@ struct kvc_instance {
     double head_tokens_per_token; /* budget mode: head-tokens a layer may keep per token */
     double kv_ratio;        /* declared (KVC-REQ-9) */
     uint64_t seq_overhead;  /* declared per-sequence constant */
-    char policies_text[160];/* the candidate list as given, for messages */
     kvcp_seqlist seqs;
     char msg[KVCP_MSG_SIZE];
 };

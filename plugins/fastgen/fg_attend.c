@@ -236,7 +236,7 @@ static void run_prompt(kvc_seq *s, fg_layer *L, uint32_t n_q, const int32_t *qpo
 {
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
-    const size_t d = g->head_dim, G = g->group;
+    const size_t G = g->group;
     while (next_pending_pos(L) <= qmax)
         admit_next(in, L, &s->bytes);
     /* Every head holds the same tokens in position order now. */
@@ -272,7 +272,6 @@ static void run_prompt(kvc_seq *s, fg_layer *L, uint32_t n_q, const int32_t *qpo
             }
         }
     }
-    (void)d;
     fg_choose(in, &prof, L->heads, sc->pos, sc->flags, n);
     L->profiled = 1;
     evict_all(in, L, sc->evict);
