@@ -312,22 +312,18 @@ static kvc_status fg_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
     const uint64_t hd_payload = 2ull * g->head_dim * in->elem;
-    uint64_t tokens = 0, held = 0, pay = 0, other = 0;
+    uint64_t tokens = 0, in_blocks = 0, pending = 0, pay = 0, other = 0;
     for (uint32_t l = 0; l < g->n_layers; l++) {
         const fg_layer *L = &s->layers[l];
         tokens += L->n_seen + L->n_pending;
+        pending += L->n_pending;
         for (uint32_t h = 0; h < g->n_kv; h++)
-            held += L->heads[h].n;
-        held += (uint64_t)L->n_pending * g->n_kv;
+            in_blocks += L->heads[h].n;
         fg_pending_split(in, L, &pay, &other);
     }
-    uint64_t in_blocks = 0;
-    for (uint32_t l = 0; l < g->n_layers; l++)
-        for (uint32_t h = 0; h < g->n_kv; h++)
-            in_blocks += s->layers[l].heads[h].n;
     kvc_seq_stats st = {0};
     st.tokens_appended = tokens;
-    st.head_tokens_resident = held;
+    st.head_tokens_resident = in_blocks + pending * g->n_kv; /* pending: every head */
     st.bytes_payload = in_blocks * hd_payload + pay;
     st.bytes_metadata = in_blocks * (in->tok_bytes - hd_payload) + s->bytes.tables + other;
     st.bytes_reserved = s->bytes.blocks - in_blocks * in->tok_bytes;

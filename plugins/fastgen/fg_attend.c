@@ -101,20 +101,14 @@ static size_t scratch_layout(const kvc_instance *in, uint32_t n_q, uint64_t max_
 
 /* ---- attention over one head ---------------------------------------------------------- */
 
-/* Key and value rows of a block as floats: in place for fp32, widened
- * into the scratch for fp16. */
-static void block_kv(const kvc_instance *in, void *blk, uint32_t nb, const fg_scratch *sc,
-                     const float **k, const float **v)
+/* A block's rows [nb][d] of keys or values (storage at `src`) as floats:
+ * in place for fp32, widened into `buf` for fp16. */
+static const float *block_rows(const kvc_instance *in, const void *src, uint32_t nb, float *buf)
 {
-    if (in->cfg.dtype == FG_F32) {
-        *k = fg_blk_k(in, blk);
-        *v = fg_blk_v(in, blk);
-        return;
-    }
-    kvck_f16_to_f32_n(fg_blk_k(in, blk), sc->kbuf, (size_t)nb * in->g.head_dim);
-    kvck_f16_to_f32_n(fg_blk_v(in, blk), sc->vbuf, (size_t)nb * in->g.head_dim);
-    *k = sc->kbuf;
-    *v = sc->vbuf;
+    if (in->cfg.dtype == FG_F32)
+        return src;
+    kvck_f16_to_f32_n(src, buf, (size_t)nb * in->g.head_dim);
+    return buf;
 }
 
 /* Attention of `rows` query rows (query r / G at qpos[r / G]) over head
@@ -134,8 +128,7 @@ static void head_attend(const kvc_instance *in, const fg_head *h, size_t rows,
         return;
     for (uint32_t b = 0; b < h->n_blocks; b++) {
         size_t nb = b + 1 == h->n_blocks ? n - b * B : B;
-        const float *k, *v;
-        block_kv(in, h->blocks[b], (uint32_t)nb, sc, &k, &v);
+        const float *k = block_rows(in, fg_blk_k(in, h->blocks[b]), (uint32_t)nb, sc->kbuf);
         kvck_scores(rows, d, q, d, k, d, nb, p + b * B, n);
     }
     for (size_t r = 0; r < rows; r++) {
@@ -160,8 +153,7 @@ static void head_attend(const kvc_instance *in, const fg_head *h, size_t rows,
     }
     for (uint32_t b = 0; b < h->n_blocks; b++) {
         size_t nb = b + 1 == h->n_blocks ? n - b * B : B;
-        const float *k, *v;
-        block_kv(in, h->blocks[b], (uint32_t)nb, sc, &k, &v);
+        const float *v = block_rows(in, fg_blk_v(in, h->blocks[b]), (uint32_t)nb, sc->vbuf);
         kvck_pv(rows, d, p + b * B, n, v, d, nb, out);
     }
 }
