@@ -888,21 +888,42 @@ START_TEST(smollm2_hyperparameters_from_the_file)
 }
 END_TEST
 
+/* SmolLM2's three stores at one context: exact, full fp32 and full fp16. */
+typedef struct three_stores {
+    kvch_kv *ex, *pk, *ph;
+    plug f32, f16;
+} three_stores;
+
+static void stores_open(three_stores *t, uint32_t n_ctx)
+{
+    kvc_geometry geo;
+    kvch_llama_geometry(M.llama, n_ctx, &geo);
+    char err[512];
+    memset(t, 0, sizeof *t);
+    ck_assert_int_eq(kvch_kv_exact(&geo, &t->ex, err, sizeof err), KVC_OK);
+    plug_open(&t->f32, &geo, NULL);
+    plug_open(&t->f16, &geo, "dtype=fp16");
+    ck_assert_int_eq(kvch_kv_plugin(t->f32.p, t->f32.inst, &t->pk, err, sizeof err), KVC_OK);
+    ck_assert_int_eq(kvch_kv_plugin(t->f16.p, t->f16.inst, &t->ph, err, sizeof err), KVC_OK);
+}
+
+static void stores_close(three_stores *t)
+{
+    kvch_kv_free(t->pk);
+    kvch_kv_free(t->ph);
+    kvch_kv_free(t->ex);
+    plug_close(&t->f32);
+    plug_close(&t->f16);
+}
+
 START_TEST(smollm2_full_equals_exact_and_fp16_close)
 {
     SKIP_WITHOUT_MODEL();
     const uint32_t n_ctx = 128, chunks = 2;
-    kvc_geometry geo;
-    kvch_llama_geometry(M.llama, n_ctx, &geo);
-    char err[512];
-    kvch_kv *ex = NULL, *pk = NULL, *ph = NULL;
-    ck_assert_int_eq(kvch_kv_exact(&geo, &ex, err, sizeof err), KVC_OK);
+    three_stores t;
+    stores_open(&t, n_ctx);
+    kvch_kv *ex = t.ex, *pk = t.pk, *ph = t.ph;
     double p_exact = real_ppl(ex, n_ctx, chunks, 0);
-    plug f32, f16;
-    plug_open(&f32, &geo, NULL);
-    plug_open(&f16, &geo, "dtype=fp16");
-    ck_assert_int_eq(kvch_kv_plugin(f32.p, f32.inst, &pk, err, sizeof err), KVC_OK);
-    ck_assert_int_eq(kvch_kv_plugin(f16.p, f16.inst, &ph, err, sizeof err), KVC_OK);
     double p_full = real_ppl(pk, n_ctx, chunks, 0);
     double p_half = real_ppl(ph, n_ctx, chunks, 0);
     printf("SmolLM2 GPL-3 ctx %u x %u chunks: exact %.6f, full %.6f, full fp16 %.6f\n", n_ctx,
@@ -913,11 +934,7 @@ START_TEST(smollm2_full_equals_exact_and_fp16_close)
     double p_step = real_ppl(pk, n_ctx, 1, 1), p_batch = real_ppl(pk, n_ctx, 1, 0);
     ck_assert_msg(fabs(p_step - p_batch) / p_batch < 1e-5, "step %.9f batch %.9f", p_step,
                   p_batch);
-    kvch_kv_free(pk);
-    kvch_kv_free(ph);
-    kvch_kv_free(ex);
-    plug_close(&f32);
-    plug_close(&f16);
+    stores_close(&t);
 }
 END_TEST
 
@@ -953,16 +970,10 @@ START_TEST(smollm2_kld_full_zero_fp16_small)
 {
     SKIP_WITHOUT_MODEL();
     const uint32_t n_ctx = 128, chunks = 2;
-    kvc_geometry geo;
-    kvch_llama_geometry(M.llama, n_ctx, &geo);
+    three_stores t;
+    stores_open(&t, n_ctx);
+    kvch_kv *ex = t.ex, *pk = t.pk, *ph = t.ph;
     char err[512];
-    kvch_kv *ex = NULL, *pk = NULL, *ph = NULL;
-    ck_assert_int_eq(kvch_kv_exact(&geo, &ex, err, sizeof err), KVC_OK);
-    plug f32, f16;
-    plug_open(&f32, &geo, NULL);
-    plug_open(&f16, &geo, "dtype=fp16");
-    ck_assert_int_eq(kvch_kv_plugin(f32.p, f32.inst, &pk, err, sizeof err), KVC_OK);
-    ck_assert_int_eq(kvch_kv_plugin(f16.p, f16.inst, &ph, err, sizeof err), KVC_OK);
     const double p_exact = real_ppl(ex, n_ctx, chunks, 0);
     kvch_kld_stats a = real_kld(pk, ex, n_ctx, chunks, 0, real_ppl(pk, n_ctx, chunks, 0), p_exact);
     printf("KLD full fp32 vs exact: mean %g, max %g, same top %.4f\n", a.mean, a.max, a.same_top);
@@ -990,11 +1001,7 @@ START_TEST(smollm2_kld_full_zero_fp16_small)
                      KVC_E_INVALID);
     ck_assert_uint_eq(k.n, 0);
     kvch_llama_ctx_free(c);
-    kvch_kv_free(pk);
-    kvch_kv_free(ph);
-    kvch_kv_free(ex);
-    plug_close(&f32);
-    plug_close(&f16);
+    stores_close(&t);
 }
 END_TEST
 
