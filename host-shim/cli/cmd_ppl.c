@@ -7,6 +7,9 @@
  * generation, in one batch or token by token (equal by the ABI's rule).
  * --verbose tallies, per layer, what the plugin's seq_describe (ABI 1.2)
  * says of each chunk's sequence: its policy= words and the tokens held.
+ * --vs-exact scores the built-in exact path on the same chunks, chunk by
+ * chunk beside the plugin; --kld adds llama-perplexity --kl-divergence's
+ * statistics of the two next-token distributions (model/kld.h).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -22,13 +25,21 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: kvc ppl (--plugin NAME|PATH [--opt name=value]... [--artifact FILE] | --exact)\n"
             "               [--model GGUF] [--text FILE] [--ctx N] [--chunks N]\n"
-            "               [--token-by-token] [--vs-exact] [--verbose] [--json]\n"
+            "               [--token-by-token] [--vs-exact] [--kld] [--verbose] [--json]\n"
             "  Perplexity on FILE (default " DEFAULT_TEXT ") in chunks of N tokens\n"
             "  (default 512; all whole chunks unless --chunks), scoring each chunk's second\n"
             "  half as llama.cpp's llama-perplexity does.\n"
             "  --exact           the built-in exact attention instead of a plugin\n"
-            "  --vs-exact        also run the built-in exact path on the same chunks and print\n"
-            "                    the difference\n"
+            "  --vs-exact        also run the built-in exact path on the same chunks (each\n"
+            "                    chunk on both, one after the other) and print the difference\n"
+            "  --kld             --vs-exact, and how far the plugin's next-token distributions\n"
+            "                    are from the exact path's over the scored tokens, as llama.cpp's\n"
+            "                    llama-perplexity --kl-divergence reports it: mean KL(exact ||\n"
+            "                    plugin) in nats over the whole vocabulary with its standard\n"
+            "                    error, its percentiles (max, 99.9%%, 99%%, 95%%, 90%%, median), the\n"
+            "                    share of tokens whose top-1 token is unchanged (\"same top p\"),\n"
+            "                    and ln(PPL(plugin)/PPL(exact)); the plugin's perplexity is the\n"
+            "                    same as without it\n"
             "  --token-by-token  feed each chunk's second half one token per step (default:\n"
             "                    one batch; the ABI's step rule makes them equal)\n"
             "  --verbose         per layer, the policies the plugin chose per KV head and the\n"
@@ -229,11 +240,37 @@ static void json_tally(describe_tally *t)
     printf("]");
 }
 
+/* ---- --kld ------------------------------------------------------------------------ */
+
+/* Under the perplexity lines: the KLD's mean, error and percentiles (%g:
+ * a lossless store's are 1e-6 and less), the top-1 agreement, ln PPL ratio. */
+static void print_kld(const kvch_kld_stats *k)
+{
+    printf("KLD         %.6g ± %.3g (mean), 99%%: %.4g, 99.9%%: %.4g, 95%%: %.4g, 90%%: %.4g, "
+           "median: %.4g, max: %.4g\n",
+           k->mean, k->err, k->p99, k->p999, k->p95, k->p90, k->median, k->max);
+    printf("same top    %.2f ± %.2f %% of tokens (top-1 token as the exact path's)\n",
+           100.0 * k->same_top, 100.0 * k->same_top_err);
+    printf("ln ratio    %+.6f ± %.6f (mean ln(PPL/PPL exact), per token)\n", k->ln_ppl_ratio,
+           k->ln_ppl_ratio_err);
+}
+
+static void json_kld(const kvch_kld_stats *k)
+{
+    printf(", \"kld_mean\": %.6e, \"kld_err\": %.6e, \"kld_median\": %.6e, \"kld_p90\": %.6e"
+           ", \"kld_p95\": %.6e, \"kld_p99\": %.6e, \"kld_p999\": %.6e, \"kld_max\": %.6e"
+           ", \"kld_min\": %.6e",
+           k->mean, k->err, k->median, k->p90, k->p95, k->p99, k->p999, k->max, k->min);
+    printf(", \"same_top\": %.6f, \"same_top_err\": %.6f", k->same_top, k->same_top_err);
+    printf(", \"ln_ppl_ratio\": %.6e, \"ln_ppl_ratio_err\": %.6e", k->ln_ppl_ratio,
+           k->ln_ppl_ratio_err);
+}
+
 static int run_ppl(kvc_session_args *a, int argc, char **argv)
 {
     const char *text_path = DEFAULT_TEXT;
     long n_ctx = 512, n_chunks = 0;
-    int token_by_token = 0, vs_exact = 0, json = 0, verbose = 0, rc = 1;
+    int token_by_token = 0, vs_exact = 0, kld = 0, json = 0, verbose = 0, rc = 1;
     for (int i = 1; i < argc; i++) {
         int r = session_arg("ppl", a, argc, argv, &i);
         if (r < 0)
@@ -248,6 +285,8 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
             token_by_token = 1;
         } else if (!strcmp(o, "--vs-exact")) {
             vs_exact = 1;
+        } else if (!strcmp(o, "--kld")) {
+            kld = vs_exact = 1;
         } else if (!strcmp(o, "--json")) {
             json = 1;
         } else if (!strcmp(o, "--verbose") || !strcmp(o, "-v")) {
@@ -284,6 +323,8 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
     uint8_t *flags = NULL;
     size_t text_len = 0, n_ids = 0;
     kvch_kv *exact = NULL;
+    kvch_kld acc = {0};
+    kvch_kld_stats ks = {0};
     describe_tally tally = {0};
     if (session_open(&s, "ppl", a, (uint32_t)n_ctx) || session_kv(&s, "ppl", (uint32_t)n_ctx))
         goto done;
@@ -329,23 +370,21 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
         pp.chunk_user = &tally;
     }
     kvch_ppl_result r, rx = {0};
-    if (kvch_perplexity(s.ctx, s.kv, s.model.llama, ids, flags, n_ids, &pp, &r, err, sizeof err)) {
+    if (vs_exact && kvch_kv_exact(&s.geo, &exact, err, sizeof err)) {
+        fprintf(stderr, "kvc ppl: exact path: %s\n", err);
+        goto done;
+    }
+    /* With an exact store, each chunk runs on it and then on the plugin's
+     * (the plugin's calls are those of a run without it; not tallied). */
+    if (kvch_perplexity_vs(s.ctx, s.kv, exact, s.model.llama, ids, flags, n_ids, &pp, &r, &rx,
+                           kld ? &acc : NULL, err, sizeof err) ||
+        (kld && kvch_kld_summary(&acc, &ks, err, sizeof err))) {
         fprintf(stderr, "kvc ppl: %s\n", err);
         goto done;
     }
-    pp.chunk_done = NULL; /* the exact comparison is not tallied */
     kvch_tracker_stats ts = {0};
     if (s.tracker)
         kvch_tracker_get(s.tracker, &ts);
-    if (vs_exact) {
-        ps.t0 = session_now();
-        if (kvch_kv_exact(&s.geo, &exact, err, sizeof err) ||
-            kvch_perplexity(s.ctx, exact, s.model.llama, ids, flags, n_ids, &pp, &rx, err,
-                            sizeof err)) {
-            fprintf(stderr, "kvc ppl: exact path: %s\n", err);
-            goto done;
-        }
-    }
     double wall = session_now() - wall0;
     const char *gen_mode = token_by_token ? "token-by-token" : "batched";
     if (json) {
@@ -376,6 +415,8 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
         if (vs_exact)
             printf(", \"exact_ppl\": %.6f, \"ppl_rel_diff\": %.3e", rx.ppl,
                    (r.ppl - rx.ppl) / rx.ppl);
+        if (kld)
+            json_kld(&ks);
         printf(", \"wall_s\": %.2f}\n", wall);
     } else {
         printf("chunks  %u of %ld tokens; %llu tokens scored (the second half of each chunk)\n",
@@ -385,6 +426,8 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
             printf("exact       %.4f ± %.4f (built-in exact attention, same chunks)\n"
                    "difference  %+.3e relative\n",
                    rx.ppl, rx.ppl_err, (r.ppl - rx.ppl) / rx.ppl);
+        if (kld)
+            print_kld(&ks);
         printf("KV cache    %.1f bytes/token resident (%.3f of fp16 full, %.0f bytes/token)\n",
                r.kv_bytes_per_token, r.kv_bytes_per_token / r.fp16_bytes_per_token,
                r.fp16_bytes_per_token);
@@ -402,6 +445,7 @@ static int run_ppl(kvc_session_args *a, int argc, char **argv)
     rc = 0;
 done:
     kvch_kv_free(exact);
+    kvch_kld_free(&acc);
     free(tally.layers);
     free(flags);
     free(ids);

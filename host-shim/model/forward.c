@@ -78,7 +78,7 @@ void kvch_linear(const float *x, const float *w, const float *b, size_t n, size_
                 y[r * out + j] += b[j];
 }
 
-double kvch_log_softmax_at(const float *row, size_t n, size_t target)
+double kvch_log_softmax_norm(const float *row, size_t n, double *log_z)
 {
     float mx = row[0];
     for (size_t i = 1; i < n; i++)
@@ -86,7 +86,14 @@ double kvch_log_softmax_at(const float *row, size_t n, size_t target)
     double sum = 0.0;
     for (size_t i = 0; i < n; i++)
         sum += exp((double)row[i] - mx);
-    return (double)row[target] - mx - log(sum);
+    *log_z = log(sum);
+    return mx;
+}
+
+double kvch_log_softmax_at(const float *row, size_t n, size_t target)
+{
+    double log_z, mx = kvch_log_softmax_norm(row, n, &log_z);
+    return (double)row[target] - mx - log_z;
 }
 
 /* ---- context ----------------------------------------------------------------- */

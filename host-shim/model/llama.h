@@ -195,4 +195,9 @@ void kvch_linear(const float *x, const float *w, const float *b, size_t n, size_
 /* log softmax of row [n] at index `target` (double accumulation). */
 double kvch_log_softmax_at(const float *row, size_t n, size_t target);
 
+/* The log softmax of row [n] in two pieces: returns the row's maximum m and
+ * sets *log_z = log(sum_i exp(row[i] - m)) (double accumulation), so that
+ * log p_i = (row[i] - m) - *log_z. kvch_log_softmax_at is built on it. */
+double kvch_log_softmax_norm(const float *row, size_t n, double *log_z);
+
 #endif /* KVCH_LLAMA_H */

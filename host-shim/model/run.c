@@ -112,78 +112,143 @@ void kvch_model_close(kvch_model *m)
 
 /* ---- perplexity ---------------------------------------------------------------- */
 
+/* One store's side of a perplexity run: its logits buffer and NLL sums. */
+typedef struct ppl_side {
+    kvch_kv *kv;
+    kvch_ppl_result *r;
+    float *logits; /* (n_gen, n_vocab): the chunk's scored positions */
+    double nll, nll2;
+} ppl_side;
+
+/* Scores chunk ch (tokens t [n_ctx], flags fl or NULL) on one store: a fresh
+ * sequence, the first half as one prompt eval, the second half batched or
+ * token by token into side->logits, its NLL added to the sums and its
+ * timing to side->r. On the last chunk, the store's bytes per token. */
+static kvc_status ppl_chunk(kvch_llama_ctx *c, const kvch_llama *m, ppl_side *side,
+                            const int32_t *t, const uint8_t *fl, uint32_t ch, uint32_t n_chunks,
+                            const kvch_ppl_params *p, char *err, size_t cap)
+{
+    const uint32_t n_ctx = p->n_ctx, first = n_ctx / 2, n_gen = n_ctx - 1 - first;
+    const size_t V = m->hp.n_vocab;
+    kvch_kv *kv = side->kv;
+    kvch_ppl_result *r = side->r;
+    float *logits = side->logits;
+    kvc_status s;
+    if ((s = kvch_kv_reset(kv, err, cap)))
+        return s;
+    double t0 = now_s();
+    if ((s = kvch_llama_eval(c, kv, t, fl, first, 0, NULL, 0, err, cap)))
+        return s;
+    double t1 = now_s();
+    if (p->token_by_token) {
+        for (uint32_t i = 0; i < n_gen && !s; i++)
+            s = kvch_llama_eval(c, kv, t + first + i, fl ? fl + first + i : NULL, 1,
+                                (int32_t)(first + i), logits + (size_t)i * V, 1, err, cap);
+    } else {
+        s = kvch_llama_eval(c, kv, t + first, fl ? fl + first : NULL, n_gen, (int32_t)first,
+                            logits, n_gen, err, cap);
+    }
+    if (s)
+        return s;
+    double t2 = now_s();
+    r->prefill_s += t1 - t0;
+    r->gen_s += t2 - t1;
+    r->prefill_tokens += first;
+    r->gen_tokens += n_gen;
+    for (uint32_t i = 0; i < n_gen; i++) {
+        double lp = kvch_log_softmax_at(logits + (size_t)i * V, V, (size_t)t[first + i + 1]);
+        side->nll -= lp;
+        side->nll2 += lp * lp;
+    }
+    r->n_scored += n_gen;
+    r->n_chunks = ch + 1;
+    if (ch + 1 == n_chunks) {
+        kvc_seq_stats st;
+        if ((s = kvch_kv_stats(kv, &st)))
+            return s;
+        double toks = (double)st.tokens_appended / m->hp.n_layer;
+        r->kv_bytes_per_token = toks > 0 ? (double)st.bytes_resident / toks : 0.0;
+        r->fp16_bytes_per_token = toks > 0 ? (double)st.bytes_fp16_full / toks : 0.0;
+    }
+    return KVC_OK;
+}
+
+static void ppl_finish(const ppl_side *side)
+{
+    kvch_ppl_result *r = side->r;
+    double mean = side->nll / (double)r->n_scored,
+           var = side->nll2 / (double)r->n_scored - mean * mean;
+    r->ppl = exp(mean);
+    r->ppl_err = var > 0 && r->n_scored > 1 ? r->ppl * sqrt(var / (double)(r->n_scored - 1)) : 0;
+}
+
 kvc_status kvch_perplexity(kvch_llama_ctx *c, kvch_kv *kv, const kvch_llama *m,
                            const int32_t *tokens, const uint8_t *flags, size_t n_tokens,
                            const kvch_ppl_params *p, kvch_ppl_result *r, char *err, size_t cap)
+{
+    return kvch_perplexity_vs(c, kv, NULL, m, tokens, flags, n_tokens, p, r, NULL, NULL, err,
+                              cap);
+}
+
+kvc_status kvch_perplexity_vs(kvch_llama_ctx *c, kvch_kv *kv, kvch_kv *ref, const kvch_llama *m,
+                              const int32_t *tokens, const uint8_t *flags, size_t n_tokens,
+                              const kvch_ppl_params *p, kvch_ppl_result *r,
+                              kvch_ppl_result *r_ref, kvch_kld *kld, char *err, size_t cap)
 {
     const uint32_t n_ctx = p->n_ctx, first = n_ctx / 2, n_gen = n_ctx - 1 - first;
     const size_t V = m->hp.n_vocab;
     if (n_ctx < 4 || n_ctx % 2)
         return kvch_fail(err, cap, KVC_E_INVALID, "perplexity: context %u must be even and >= 4",
                     n_ctx);
+    if (ref && !r_ref)
+        return kvch_fail(err, cap, KVC_E_INVALID, "perplexity: a reference store and no result");
+    if (kld && !ref)
+        return kvch_fail(err, cap, KVC_E_INVALID, "perplexity: KL divergence needs a reference");
     size_t avail = n_tokens / n_ctx;
     if (avail == 0)
         return kvch_fail(err, cap, KVC_E_INVALID,
                     "perplexity: the text has %zu tokens, fewer than one chunk of %u", n_tokens,
                     n_ctx);
     uint32_t n_chunks = p->n_chunks && p->n_chunks < avail ? p->n_chunks : (uint32_t)avail;
-    float *logits = malloc((size_t)n_gen * V * sizeof(float)); /* (n_gen, n_vocab) */
-    if (!logits)
+    ppl_side me = {kv, r, malloc((size_t)n_gen * V * sizeof(float)), 0, 0};
+    ppl_side rs = {ref, r_ref, ref ? malloc((size_t)n_gen * V * sizeof(float)) : NULL, 0, 0};
+    if (!me.logits || (ref && !rs.logits)) {
+        free(me.logits);
+        free(rs.logits);
         return kvch_fail(err, cap, KVC_E_NOMEM, "perplexity: out of memory for logits");
+    }
 
     memset(r, 0, sizeof *r);
-    double nll = 0.0, nll2 = 0.0;
+    if (r_ref)
+        memset(r_ref, 0, sizeof *r_ref);
     kvc_status s = KVC_OK;
     for (uint32_t ch = 0; ch < n_chunks && !s; ch++) {
         const int32_t *t = tokens + (size_t)ch * n_ctx;
         const uint8_t *fl = flags ? flags + (size_t)ch * n_ctx : NULL;
-        if ((s = kvch_kv_reset(kv, err, cap)))
+        /* The reference first: kv's calls are the same as without one. */
+        if (ref && (s = ppl_chunk(c, m, &rs, t, fl, ch, n_chunks, p, err, cap))) {
+            char why[512];
+            snprintf(why, sizeof why, "%s", err && cap ? err : "");
+            s = kvch_fail(err, cap, s, "reference store: %s", why);
             break;
-        double t0 = now_s();
-        if ((s = kvch_llama_eval(c, kv, t, fl, first, 0, NULL, 0, err, cap)))
+        }
+        if ((s = ppl_chunk(c, m, &me, t, fl, ch, n_chunks, p, err, cap)))
             break;
-        double t1 = now_s();
-        if (p->token_by_token) {
-            for (uint32_t i = 0; i < n_gen && !s; i++)
-                s = kvch_llama_eval(c, kv, t + first + i, fl ? fl + first + i : NULL, 1,
-                                    (int32_t)(first + i), logits + (size_t)i * V, 1, err, cap);
-        } else {
-            s = kvch_llama_eval(c, kv, t + first, fl ? fl + first : NULL, n_gen, (int32_t)first,
-                                logits, n_gen, err, cap);
-        }
-        if (s)
+        if (kld && (s = kvch_kld_add(kld, rs.logits, me.logits, n_gen, V, t + first + 1, err,
+                                     cap)))
             break;
-        double t2 = now_s();
-        r->prefill_s += t1 - t0;
-        r->gen_s += t2 - t1;
-        r->prefill_tokens += first;
-        r->gen_tokens += n_gen;
-        for (uint32_t i = 0; i < n_gen; i++) {
-            double lp = kvch_log_softmax_at(logits + (size_t)i * V, V, (size_t)t[first + i + 1]);
-            nll -= lp;
-            nll2 += lp * lp;
-        }
-        r->n_scored += n_gen;
-        r->n_chunks = ch + 1;
-        if (ch + 1 == n_chunks) {
-            kvc_seq_stats st;
-            if ((s = kvch_kv_stats(kv, &st)))
-                break;
-            double toks = (double)st.tokens_appended / m->hp.n_layer;
-            r->kv_bytes_per_token = toks > 0 ? (double)st.bytes_resident / toks : 0.0;
-            r->fp16_bytes_per_token = toks > 0 ? (double)st.bytes_fp16_full / toks : 0.0;
-        }
         if (p->chunk_done && (s = p->chunk_done(p->chunk_user, ch, kv, err, cap)))
             break;
         if (p->progress)
-            p->progress(p->user, ch + 1, n_chunks, exp(nll / (double)r->n_scored));
+            p->progress(p->user, ch + 1, n_chunks, exp(me.nll / (double)r->n_scored));
     }
-    free(logits);
+    free(me.logits);
+    free(rs.logits);
     if (s)
         return s;
-    double mean = nll / (double)r->n_scored, var = nll2 / (double)r->n_scored - mean * mean;
-    r->ppl = exp(mean);
-    r->ppl_err = var > 0 && r->n_scored > 1 ? r->ppl * sqrt(var / (double)(r->n_scored - 1)) : 0;
+    ppl_finish(&me);
+    if (ref)
+        ppl_finish(&rs);
     return KVC_OK;
 }
 

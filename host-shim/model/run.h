@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "kvc.h"
+#include "kld.h"
 #include "llama.h"
 #include "tokenizer.h"
 
@@ -87,6 +88,24 @@ kvc_status kvch_perplexity(kvch_llama_ctx *c, kvch_kv *kv, const kvch_llama *m,
                            const int32_t *tokens, const uint8_t *flags, size_t n_tokens,
                            const kvch_ppl_params *p, kvch_ppl_result *r, char *err,
                            size_t err_size);
+
+/* kvch_perplexity on kv (result r) and, chunk by chunk beside it, on a
+ * reference store ref (result r_ref; the exact path, kvch_kv_exact, for
+ * "how far is the plugin from exact"): for each chunk, ref's chunk is
+ * scored, then kv's, with the same tokens, flags and mode. kv sees the same
+ * calls in the same order as under kvch_perplexity, so r is bit-identical
+ * to its result; r_ref is what kvch_perplexity on ref alone gives. When
+ * kld is not NULL (it needs ref), every scored token's two logit rows go to
+ * kvch_kld_add(kld, ref's, kv's, ...) before the next chunk: memory stays
+ * at two chunks of logits (2 x (n_ctx/2 - 1) x n_vocab floats) plus one
+ * double per scored token in kld. chunk_done and progress are kv's (ref is
+ * not inspected). ref NULL: kvch_perplexity (r_ref and kld unused).
+ * Errors: those of kvch_perplexity; a reference store's prefixed
+ * "reference store: "; INVALID for ref without r_ref, kld without ref. */
+kvc_status kvch_perplexity_vs(kvch_llama_ctx *c, kvch_kv *kv, kvch_kv *ref, const kvch_llama *m,
+                              const int32_t *tokens, const uint8_t *flags, size_t n_tokens,
+                              const kvch_ppl_params *p, kvch_ppl_result *r,
+                              kvch_ppl_result *r_ref, kvch_kld *kld, char *err, size_t err_size);
 
 /* ---- generation -------------------------------------------------------------- */
 

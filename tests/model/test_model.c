@@ -5,12 +5,15 @@
  * decode, the `full` plugin == the built-in exact path, the layer-by-layer
  * pass == eval, the preparation feed (exact and sequential, ABI 1.1), and
  * on SmolLM2 (skipped when the model is absent): perplexity
- * through `full` equal to the exact path and fp16 within 0.1%.
+ * through `full` equal to the exact path and fp16 within 0.1%, and the KL
+ * divergence from the exact path (kvch_perplexity_vs, `kvc ppl --kld`):
+ * 0 for full, small and positive for fp16.
  */
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "kvch.h"
 #include "model_path.h"
@@ -885,21 +888,42 @@ START_TEST(smollm2_hyperparameters_from_the_file)
 }
 END_TEST
 
+/* SmolLM2's three stores at one context: exact, full fp32 and full fp16. */
+typedef struct three_stores {
+    kvch_kv *ex, *pk, *ph;
+    plug f32, f16;
+} three_stores;
+
+static void stores_open(three_stores *t, uint32_t n_ctx)
+{
+    kvc_geometry geo;
+    kvch_llama_geometry(M.llama, n_ctx, &geo);
+    char err[512];
+    memset(t, 0, sizeof *t);
+    ck_assert_int_eq(kvch_kv_exact(&geo, &t->ex, err, sizeof err), KVC_OK);
+    plug_open(&t->f32, &geo, NULL);
+    plug_open(&t->f16, &geo, "dtype=fp16");
+    ck_assert_int_eq(kvch_kv_plugin(t->f32.p, t->f32.inst, &t->pk, err, sizeof err), KVC_OK);
+    ck_assert_int_eq(kvch_kv_plugin(t->f16.p, t->f16.inst, &t->ph, err, sizeof err), KVC_OK);
+}
+
+static void stores_close(three_stores *t)
+{
+    kvch_kv_free(t->pk);
+    kvch_kv_free(t->ph);
+    kvch_kv_free(t->ex);
+    plug_close(&t->f32);
+    plug_close(&t->f16);
+}
+
 START_TEST(smollm2_full_equals_exact_and_fp16_close)
 {
     SKIP_WITHOUT_MODEL();
     const uint32_t n_ctx = 128, chunks = 2;
-    kvc_geometry geo;
-    kvch_llama_geometry(M.llama, n_ctx, &geo);
-    char err[512];
-    kvch_kv *ex = NULL, *pk = NULL, *ph = NULL;
-    ck_assert_int_eq(kvch_kv_exact(&geo, &ex, err, sizeof err), KVC_OK);
+    three_stores t;
+    stores_open(&t, n_ctx);
+    kvch_kv *ex = t.ex, *pk = t.pk, *ph = t.ph;
     double p_exact = real_ppl(ex, n_ctx, chunks, 0);
-    plug f32, f16;
-    plug_open(&f32, &geo, NULL);
-    plug_open(&f16, &geo, "dtype=fp16");
-    ck_assert_int_eq(kvch_kv_plugin(f32.p, f32.inst, &pk, err, sizeof err), KVC_OK);
-    ck_assert_int_eq(kvch_kv_plugin(f16.p, f16.inst, &ph, err, sizeof err), KVC_OK);
     double p_full = real_ppl(pk, n_ctx, chunks, 0);
     double p_half = real_ppl(ph, n_ctx, chunks, 0);
     printf("SmolLM2 GPL-3 ctx %u x %u chunks: exact %.6f, full %.6f, full fp16 %.6f\n", n_ctx,
@@ -910,11 +934,128 @@ START_TEST(smollm2_full_equals_exact_and_fp16_close)
     double p_step = real_ppl(pk, n_ctx, 1, 1), p_batch = real_ppl(pk, n_ctx, 1, 0);
     ck_assert_msg(fabs(p_step - p_batch) / p_batch < 1e-5, "step %.9f batch %.9f", p_step,
                   p_batch);
-    kvch_kv_free(pk);
-    kvch_kv_free(ph);
-    kvch_kv_free(ex);
-    plug_close(&f32);
-    plug_close(&f16);
+    stores_close(&t);
+}
+END_TEST
+
+/* kvch_perplexity_vs of kv against the exact path: kv's result must be
+ * kvch_perplexity's to the bit (want), the exact one the exact path's
+ * (want_ref); returns the KLD statistics. */
+static kvch_kld_stats real_kld(kvch_kv *kv, kvch_kv *ex, uint32_t n_ctx, uint32_t chunks, int step,
+                               double want, double want_ref)
+{
+    char err[1024];
+    kvch_llama_ctx *c = NULL;
+    ck_assert_int_eq(kvch_llama_ctx_new(M.llama, n_ctx, &c, err, sizeof err), KVC_OK);
+    kvch_ppl_params pp = {.n_ctx = n_ctx, .n_chunks = chunks, .token_by_token = step};
+    kvch_ppl_result r, rx;
+    kvch_kld k = {0};
+    kvch_kld_stats st;
+    ck_assert_msg(kvch_perplexity_vs(c, kv, ex, M.llama, gpl, gpl_flags, n_gpl, &pp, &r, &rx, &k,
+                                     err, sizeof err) == KVC_OK,
+                  "%s", err);
+    ck_assert_msg(kvch_kld_summary(&k, &st, err, sizeof err) == KVC_OK, "%s", err);
+    kvch_kld_free(&k);
+    kvch_llama_ctx_free(c);
+    ck_assert_msg(r.ppl == want, "with the exact path beside it %.17g, alone %.17g", r.ppl, want);
+    ck_assert_msg(rx.ppl == want_ref, "exact beside %.17g, alone %.17g", rx.ppl, want_ref);
+    ck_assert_uint_eq(rx.n_scored, r.n_scored);
+    ck_assert_uint_eq(st.n, r.n_scored);
+    /* the KLD's own NLLs give the same perplexity ratio */
+    ck_assert_double_eq_tol(st.ln_ppl_ratio, log(r.ppl / rx.ppl), 1e-9);
+    return st;
+}
+
+START_TEST(smollm2_kld_full_zero_fp16_small)
+{
+    SKIP_WITHOUT_MODEL();
+    const uint32_t n_ctx = 128, chunks = 2;
+    three_stores t;
+    stores_open(&t, n_ctx);
+    kvch_kv *ex = t.ex, *pk = t.pk, *ph = t.ph;
+    char err[512];
+    const double p_exact = real_ppl(ex, n_ctx, chunks, 0);
+    kvch_kld_stats a = real_kld(pk, ex, n_ctx, chunks, 0, real_ppl(pk, n_ctx, chunks, 0), p_exact);
+    printf("KLD full fp32 vs exact: mean %g, max %g, same top %.4f\n", a.mean, a.max, a.same_top);
+    ck_assert_msg(a.mean < 1e-9 && a.max < 1e-9, "full fp32: KLD %g, max %g", a.mean, a.max);
+    ck_assert_double_eq(a.same_top, 1.0);
+    kvch_kld_stats h = real_kld(ph, ex, n_ctx, chunks, 0, real_ppl(ph, n_ctx, chunks, 0), p_exact);
+    printf("KLD full fp16 vs exact: mean %g ± %g, median %g, 99%% %g, max %g, same top %.4f\n",
+           h.mean, h.err, h.median, h.p99, h.max, h.same_top);
+    ck_assert_msg(h.mean > 0.0 && h.mean < 1e-4, "fp16: KLD %g", h.mean);
+    ck_assert_msg(h.err > 0.0 && h.err < h.mean, "fp16: KLD error %g", h.err);
+    ck_assert(h.median <= h.p99 && h.p99 <= h.max && h.max < 1e-2);
+    ck_assert_msg(h.same_top >= 0.99, "fp16: same top %f", h.same_top);
+    /* token by token, one chunk: the same holds */
+    const double x1 = real_ppl(ex, n_ctx, 1, 1);
+    kvch_kld_stats s1 = real_kld(ph, ex, n_ctx, 1, 1, real_ppl(ph, n_ctx, 1, 1), x1);
+    ck_assert(s1.mean > 0.0 && s1.mean < 1e-4);
+    /* a KLD without a reference store is refused */
+    kvch_llama_ctx *c = NULL;
+    ck_assert_int_eq(kvch_llama_ctx_new(M.llama, n_ctx, &c, err, sizeof err), KVC_OK);
+    kvch_ppl_params pp = {.n_ctx = n_ctx, .n_chunks = 1};
+    kvch_ppl_result r;
+    kvch_kld k = {0};
+    ck_assert_int_eq(kvch_perplexity_vs(c, ph, NULL, M.llama, gpl, gpl_flags, n_gpl, &pp, &r, NULL,
+                                        &k, err, sizeof err),
+                     KVC_E_INVALID);
+    ck_assert_uint_eq(k.n, 0);
+    kvch_llama_ctx_free(c);
+    stores_close(&t);
+}
+END_TEST
+
+/* The number after "name": in a JSON line; fails when absent. */
+static double json_num(const char *json, const char *name)
+{
+    char key[64];
+    snprintf(key, sizeof key, "\"%s\": ", name);
+    const char *at = strstr(json, key);
+    ck_assert_msg(at != NULL, "no %s in %s", name, json);
+    char *end;
+    double v = strtod(at + strlen(key), &end);
+    ck_assert_msg(end != at + strlen(key), "%s is not a number in %s", name, json);
+    return v;
+}
+
+/* kvc ppl --json with args after the model: its one line into out. */
+static void cli_ppl(const char *args, char *out, size_t cap)
+{
+    char cmd[8400];
+    snprintf(cmd, sizeof cmd, "'%s' ppl --model '%s' --chunks 2 --ctx 128 --json %s 2>&1", KVC_EXE,
+             kvct_model_path(), args);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+    int st = pclose(p);
+    printf("kvc ppl %s: %s", args, out);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s", out);
+}
+
+START_TEST(smollm2_cli_ppl_kld_json)
+{
+    SKIP_WITHOUT_MODEL();
+    static const char *const fields[] = {"exact_ppl", "ppl_rel_diff", "kld_mean", "kld_err",
+                                         "kld_median", "kld_p90", "kld_p95", "kld_p99",
+                                         "kld_p999", "kld_max", "same_top", "same_top_err"};
+    char out[8192], plain[8192];
+    cli_ppl("--plugin full --kld", out, sizeof out);
+    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
+        (void)json_num(out, fields[i]);
+    ck_assert_msg(json_num(out, "kld_mean") < 1e-9, "%s", out);
+    ck_assert_msg(json_num(out, "kld_max") < 1e-9, "%s", out);
+    ck_assert_msg(json_num(out, "same_top") == 1.0, "%s", out);
+    ck_assert_msg(json_num(out, "ppl_rel_diff") == 0.0, "%s", out);
+    cli_ppl("--plugin full --opt dtype=fp16 --kld", out, sizeof out);
+    const double m = json_num(out, "kld_mean");
+    ck_assert_msg(m > 0.0 && m < 1e-4, "%s", out);
+    ck_assert_msg(json_num(out, "kld_p99") >= json_num(out, "kld_median"), "%s", out);
+    ck_assert_msg(json_num(out, "same_top") >= 0.99, "%s", out);
+    /* the plugin's perplexity is the one of a run without --kld */
+    cli_ppl("--plugin full --opt dtype=fp16", plain, sizeof plain);
+    ck_assert_msg(json_num(out, "ppl") == json_num(plain, "ppl"), "%s\n%s", out, plain);
+    ck_assert_msg(strstr(plain, "kld_mean") == NULL, "%s", plain);
 }
 END_TEST
 
@@ -965,6 +1106,8 @@ int main(int argc, char **argv)
         tcase_set_timeout(r, 900);
         tcase_add_test(r, smollm2_hyperparameters_from_the_file);
         tcase_add_test(r, smollm2_full_equals_exact_and_fp16_close);
+        tcase_add_test(r, smollm2_kld_full_zero_fp16_small);
+        tcase_add_test(r, smollm2_cli_ppl_kld_json);
         tcase_add_test(r, smollm2_greedy_chat_answer);
         suite_add_tcase(s, r);
     } else {
