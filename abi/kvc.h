@@ -1,5 +1,5 @@
 /*
- * kvc.h -- the kvc plugin ABI, version 1.2.
+ * kvc.h -- the kvc plugin ABI, version 1.3.
  *
  * A KV-cache compressor is a shared object exporting one symbol,
  * kvc_plugin_entry(). A host (an inference server) dlopen()s it, calls the
@@ -80,7 +80,7 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define KVC_ABI_VERSION_MAJOR 1
-#define KVC_ABI_VERSION_MINOR 2
+#define KVC_ABI_VERSION_MINOR 3
 #define KVC_MAKE_VERSION(major, minor) \
     ((uint32_t)(((uint32_t)(major) << 16) | ((uint32_t)(minor) & 0xffffu)))
 #define KVC_VERSION_MAJOR(v) ((uint32_t)(v) >> 16)
@@ -360,6 +360,14 @@ typedef struct kvc_instance_stats {
      * bound holds there. */
     double kv_ratio;
     uint64_t seq_overhead_bytes;
+    /* --- ABI 1.3 --- */
+    /* The capabilities that hold for this instance with its options: the
+     * descriptor's caps less those the options give up (KVC-REQ-22), e.g.
+     * KVC_CAP_EXACT and KVC_CAP_TRUNCATE when the setting quantizes. Read
+     * only from a plugin whose abi_version is 1.3 or newer (an older one
+     * leaves the field as the caller set it); never holds a bit the
+     * descriptor lacks. */
+    uint64_t caps;
 } kvc_instance_stats;
 
 /* Materialized keys and values of one layer, head-major because a plugin

@@ -778,10 +778,34 @@ void kc_need_host_data(void)
         kc_skip("feeds host tensors: run with --device cpu");
 }
 
-int kc_config_lossless(const kvc_plugin *p)
+uint64_t kc_instance_caps(const kc_env *e, kvc_instance *inst)
 {
+    const kvc_plugin *p = e->p;
+    if (KVC_VERSION_MINOR(p->abi_version) < 3)
+        return p->caps;
+    kvc_instance_stats st;
+    memset(&st, 0, sizeof st);
+    st.struct_size = sizeof st;
+    kvc_status s = p->instance_stats(inst, &st);
+    ck_assert_msg(s == KVC_OK, "instance_stats: %s", kvch_status_string(s));
+    ck_assert_msg((st.caps & ~p->caps) == 0,
+                  "KVC-REQ-22: instance caps 0x%llx hold bits the descriptor (0x%llx) lacks",
+                  (unsigned long long)st.caps, (unsigned long long)p->caps);
+    return st.caps;
+}
+
+int kc_config_lossless(kc_env *e)
+{
+    const kvc_plugin *p = e->p;
     if (!(p->caps & KVC_CAP_EXACT))
         return 0;
+    if (KVC_VERSION_MINOR(p->abi_version) >= 3) {
+        kvc_geometry g = kc_geometry_small();
+        kvc_instance *inst = kc_create_ready(e, &g, NULL);
+        uint64_t caps = kc_instance_caps(e, inst);
+        p->destroy(inst);
+        return (caps & KVC_CAP_EXACT) != 0;
+    }
     for (uint32_t i = 0; i < KC.opts.n; i++) {
         const kvc_option_desc *d = NULL;
         for (uint32_t j = 0; j < p->n_options; j++)

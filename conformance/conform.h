@@ -126,10 +126,16 @@ kvc_instance *kc_create_ready(kc_env *e, const kvc_geometry *g, const char *cons
  * rather than hand host pointers to a device plugin. */
 void kc_need_host_data(void);
 
-/* 1 when the configuration under test is lossless: the plugin declares
- * KVC_CAP_EXACT ("lossless at default options") and every --opt given
- * equals that option's default (numbers compared as numbers). */
-int kc_config_lossless(const kvc_plugin *p);
+/* The capabilities that hold for `inst`: its instance_stats caps from a
+ * plugin of ABI 1.3 or newer (KVC-REQ-22), else the descriptor's. */
+uint64_t kc_instance_caps(const kc_env *e, kvc_instance *inst);
+
+/* 1 when the configuration under test is lossless. ABI 1.3: an instance
+ * with the run's options (small geometry, prepared as kc_create_ready)
+ * keeps KVC_CAP_EXACT. Older plugins: the plugin declares KVC_CAP_EXACT
+ * ("lossless at default options") and every --opt given equals that
+ * option's default (numbers compared as numbers). */
+int kc_config_lossless(kc_env *e);
 
 /* ---- data ---------------------------------------------------------------------------- */
 

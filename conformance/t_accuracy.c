@@ -490,7 +490,7 @@ START_TEST(model_layers)
     /* 2. Per layer, the same Q/K/V (no compounding of earlier layers'
      * errors) through the plugin and through float64 exact attention. */
     kvc_instance *inst = create_for_model(&e, &r);
-    const int lossless = kc_config_lossless(e.p);
+    const int lossless = kc_config_lossless(&e);
     const double tol = lossless ? EXACT_TOL : LAYER_TOL_LOSSY[prof];
     kvc_seq *s = NULL;
     st = e.p->seq_open(inst, &s);
@@ -574,7 +574,7 @@ START_TEST(model_perplexity)
     ck_assert_msg(st == KVC_OK, "perplexity through the exact store: %s", err);
     ck_assert_msg(isfinite(rp.ppl) && rp.ppl > 1, "perplexity through the plugin is %g", rp.ppl);
 
-    const int lossless = kc_config_lossless(e.p);
+    const int lossless = kc_config_lossless(&e);
     double rel = (rp.ppl - rx.ppl) / rx.ppl;
     kc_figure("ppl %.2f vs exact %.2f (%+.2f%%), %u x %u tokens, %.3f of fp16", rp.ppl, rx.ppl,
               rel * 100, chunks, n_ctx, rp.kv_bytes_per_token / rp.fp16_bytes_per_token);

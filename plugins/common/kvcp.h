@@ -233,9 +233,12 @@ kvc_status kvcp_describe(uint32_t n_heads, kvcp_describe_line line, const void *
  * one, never past what the caller's struct holds; keeps its struct_size. */
 void kvcp_stats_out(void *out, const void *full, size_t full_size);
 
-/* instance_stats' common body: the size check and the fields. */
+/* instance_stats' common body: the size check and the fields; caps are
+ * the instance's (ABI 1.3: the descriptor's less what the options give
+ * up). */
 kvc_status kvcp_instance_stats_out(kvc_instance_stats *out, uint64_t bytes_params,
-                                   uint64_t bytes_fixed, double kv_ratio, uint64_t overhead);
+                                   uint64_t bytes_fixed, double kv_ratio, uint64_t overhead,
+                                   uint64_t caps);
 
 /* Checks a materialize request: out (struct size, n_tokens) and layer
  * range; INVALID with the reason. */

@@ -231,9 +231,12 @@ kvc_status lr_instance_stats(const kvc_instance *in, kvc_instance_stats *out)
 {
     if (!in)
         return KVC_E_INVALID;
+    uint64_t caps = LR_CAPS | (in->meth->needs_calib ? KVC_CAP_NEEDS_CALIBRATION : 0);
+    if (!(in->cfg.dtype == LR_F32 && in->cfg.kv_ratio == 0 && !in->cfg.rank_k && !in->cfg.rank_v))
+        caps &= ~KVC_CAP_EXACT; /* lossless only at full rank in fp32 */
     return kvcp_instance_stats_out(
         out, in->bytes_params, sizeof *in + (size_t)in->g.n_layers * sizeof(lr_layer) + in->bytes_prep,
-        in->kv_ratio, in->seq_overhead);
+        in->kv_ratio, in->seq_overhead, caps);
 }
 
 /* ---- sequences ------------------------------------------------------------------ */

@@ -337,7 +337,8 @@ void kvcp_seqlist_drain(kvcp_seqlist *l, void (*free_seq)(kvcp_link *), const kv
 }
 
 kvc_status kvcp_instance_stats_out(kvc_instance_stats *out, uint64_t bytes_params,
-                                   uint64_t bytes_fixed, double kv_ratio, uint64_t overhead)
+                                   uint64_t bytes_fixed, double kv_ratio, uint64_t overhead,
+                                   uint64_t caps)
 {
     if (!out)
         return KVC_E_INVALID;
@@ -348,6 +349,7 @@ kvc_status kvcp_instance_stats_out(kvc_instance_stats *out, uint64_t bytes_param
     st.bytes_fixed = bytes_fixed;
     st.kv_ratio = kv_ratio;
     st.seq_overhead_bytes = overhead;
+    st.caps = caps;
     kvcp_stats_out(out, &st, sizeof st);
     return KVC_OK;
 }

@@ -14,7 +14,7 @@
 /* ---- options ------------------------------------------------------------- */
 
 enum { OPT_T, OPT_R_LOCAL, OPT_R_FREQUENT, OPT_POLICIES, OPT_KV_RATIO, OPT_DTYPE,
-       OPT_BLOCK_TOKENS, N_OPTS };
+       OPT_BLOCK_TOKENS, OPT_QS, N_OPTS = OPT_QS + KVCP_QS_N_OPTS };
 
 #define DEFAULT_POLICIES "special,special+punct,special+punct+frequent,special+punct+frequent+local,full"
 
@@ -49,7 +49,7 @@ static const kvc_option_desc opt_block_tokens = {
     "time."};
 static const kvc_option_desc *const fg_options[N_OPTS] = {
     &opt_T,        &opt_r_local, &opt_r_frequent,  &opt_policies,
-    &opt_kv_ratio, &opt_dtype,   &opt_block_tokens};
+    &opt_kv_ratio, &opt_dtype,   &opt_block_tokens, KVCP_QS_OPTION_LIST};
 
 /* ---- budget arithmetic ------------------------------------------------------ */
 
@@ -57,10 +57,36 @@ static const kvc_option_desc *const fg_options[N_OPTS] = {
  * position, array doubled). */
 #define RUN_BYTES_PER_TOKEN (2.0 * sizeof(fg_run))
 
-static size_t block_bytes_for(const kvcp_geom *g, size_t elem, uint32_t B)
+/* Bytes per slot of a kept token's regions (fastgen.h's block layout). */
+typedef struct fg_rows {
+    size_t krow, kszb, vrow, vszb;
+} fg_rows;
+
+static size_t up8(size_t n)
 {
-    size_t raw = (size_t)B * (2 * g->head_dim * elem + sizeof(int32_t) + sizeof(float) + 1);
-    return (raw + 63) & ~(size_t)63;
+    return (n + 7) & ~(size_t)7;
+}
+
+/* A block's regions for B slots: offsets of ksz, v, vsz, pos; returns the
+ * block's bytes (64-byte multiple). */
+static size_t block_layout(const fg_rows *r, uint32_t B, size_t off[4])
+{
+    size_t at = up8(B * r->krow);
+    off[0] = at;
+    at += up8(B * r->kszb);
+    off[1] = at;
+    at += up8(B * r->vrow);
+    off[2] = at;
+    at += up8(B * r->vszb);
+    off[3] = at;
+    at += (size_t)B * (sizeof(int32_t) + sizeof(float) + 1);
+    return (at + 63) & ~(size_t)63;
+}
+
+static size_t block_bytes_for(const fg_rows *r, uint32_t B)
+{
+    size_t off[4];
+    return block_layout(r, B, off);
 }
 
 /* Bytes per appended token per layer that do not depend on the policy:
@@ -71,11 +97,39 @@ static double fixed_per_token(const kvcp_geom *g, uint32_t B)
 }
 
 /* Declared ratio when every head keeps everything. */
-static double full_ratio(const kvcp_geom *g, size_t elem, uint32_t B)
+static double full_ratio(const kvcp_geom *g, const fg_rows *r, uint32_t B)
 {
-    double per_head_token = (double)block_bytes_for(g, elem, B) / B;
+    double per_head_token = (double)block_bytes_for(r, B) / B;
     return (g->n_kv * per_head_token + fixed_per_token(g, B)) /
            (double)kvcp_fp16_bytes_per_token_layer(g);
+}
+
+static fg_rows dense_rows(const kvcp_geom *g, size_t elem)
+{
+    fg_rows r = {g->head_dim * elem, 0, g->head_dim * elem, 0};
+    return r;
+}
+
+/* The quantization options, for fastgen: kept tokens are quantized one
+ * row at a time after RoPE (eviction moves rows), so k_scale and k_rope
+ * default to token and post, and sinks, windows and outliers (which
+ * per-head eviction policies and block-wide side stores cannot share) are
+ * refused. *on = 0 when k_bits/v_bits ask for none. */
+static kvc_status parse_quant(kvcp_optval *qv, const kvcp_geom *g, uint32_t B, kvcp_qs_opts *o,
+                              kvck_qfmt *kf, kvck_qfmt *vf, int *on, char *msg, size_t cap)
+{
+    kvcp_optval *ks = &qv[KVCP_QS_OPT_K_SCALE], *kr = &qv[KVCP_QS_OPT_K_ROPE];
+    if ((ks->set && ks->num == 0) || (kr->set && kr->num == 0))
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "fastgen quantizes each kept token on its own, after RoPE: k_scale "
+                         "must be token and k_rope post");
+    ks->num = 1;
+    kr->num = 1;
+    if (qv[KVCP_QS_OPT_SINK].num || qv[KVCP_QS_OPT_WINDOW].num || qv[KVCP_QS_OPT_OUTLIERS].num)
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "fastgen's quantized tokens take no sink, window or outliers: its "
+                         "policies decide which tokens stay");
+    return kvcp_qs_opts_parse(qv, g, B, o, kf, vf, on, msg, cap);
 }
 
 size_t fg_seq_fixed_bytes(const kvc_instance *in)
@@ -117,14 +171,37 @@ static kvc_status fg_create(const kvc_create_info *info, kvc_instance **out, cha
         fg_add_budget_variants(&cfg);
     const uint32_t B = cfg.block_tokens;
     const double fp16 = (double)kvcp_fp16_bytes_per_token_layer(&g);
+    kvcp_qs_opts qo;
+    kvck_qfmt kf, vf;
+    int quant = 0;
+    st = parse_quant(v + OPT_QS, &g, B, &qo, &kf, &vf, &quant, msg, msg_size);
+    if (st)
+        return st;
+    fg_rows rows;
+    if (quant) {
+        if (v[OPT_DTYPE].set && cfg.dtype == FG_F32)
+            return kvcp_fail(msg, msg_size, KVC_E_INVALID,
+                             "dtype=fp32 and k_bits/v_bits: quantized tokens wait in fp16");
+        cfg.dtype = FG_F16;
+        cfg.k_bits = kf.seg[0].bits;
+        cfg.v_bits = vf.seg[0].bits;
+        cfg.group = kf.group;
+        cfg.k_had = (uint32_t)qo.k_hadamard;
+        cfg.v_had = (uint32_t)qo.v_hadamard;
+        rows = (fg_rows){kf.row_bytes, (size_t)kf.n_groups * 4, vf.row_bytes,
+                         (size_t)vf.n_groups * 4};
+    }
     double htpt = g.n_kv;
     if (v[OPT_KV_RATIO].set) {
         cfg.kv_ratio = v[OPT_KV_RATIO].num;
-        if (!v[OPT_DTYPE].set)
-            cfg.dtype = cfg.kv_ratio >= full_ratio(&g, 4, B) ? FG_F32 : FG_F16;
-        size_t elem = cfg.dtype == FG_F32 ? 4 : 2;
+        if (!quant && !v[OPT_DTYPE].set) {
+            fg_rows r32 = dense_rows(&g, 4);
+            cfg.dtype = cfg.kv_ratio >= full_ratio(&g, &r32, B) ? FG_F32 : FG_F16;
+        }
+        if (!quant)
+            rows = dense_rows(&g, cfg.dtype == FG_F32 ? 4 : 2);
         htpt = (cfg.kv_ratio * fp16 - fixed_per_token(&g, B)) /
-               ((double)block_bytes_for(&g, elem, B) / B);
+               ((double)block_bytes_for(&rows, B) / B);
         if (!(htpt > 0))
             return kvcp_fail(msg, msg_size, KVC_E_INVALID,
                              "kv_ratio %g leaves no room for a single token per head: block "
@@ -134,6 +211,8 @@ static kvc_status fg_create(const kvc_create_info *info, kvc_instance **out, cha
         if (htpt > g.n_kv)
             htpt = g.n_kv;
     }
+    if (!quant)
+        rows = dense_rows(&g, cfg.dtype == FG_F32 ? 4 : 2);
 
     kvc_instance *in = NULL;
     st = kvcp_instance_alloc(&host, sizeof *in, offsetof(kvc_instance, seqs), (void **)&in, msg,
@@ -144,10 +223,31 @@ static kvc_status fg_create(const kvc_create_info *info, kvc_instance **out, cha
     in->g = g;
     in->cfg = cfg;
     in->elem = cfg.dtype == FG_F32 ? 4 : 2;
-    in->block_bytes = block_bytes_for(&g, in->elem, B);
-    in->tok_bytes = 2 * g.head_dim * in->elem + sizeof(int32_t) + sizeof(float) + 1;
+    in->quant = quant;
+    in->krow = rows.krow;
+    in->kszb = rows.kszb;
+    in->vrow = rows.vrow;
+    in->vszb = rows.vszb;
+    size_t off[4];
+    in->block_bytes = block_layout(&rows, B, off);
+    in->off_ksz = off[0];
+    in->off_v = off[1];
+    in->off_vsz = off[2];
+    in->off_pos = off[3];
+    if (quant) {
+        in->kf = kf;
+        in->vf = vf;
+        in->k_had = qo.k_hadamard;
+        in->v_had = qo.v_hadamard;
+        if (in->k_had)
+            kvck_hadamard_signs(in->k_signs, g.head_dim, qo.seed ^ UINT64_C(0x4b4b4b4b));
+        if (in->v_had)
+            kvck_hadamard_signs(in->v_signs, g.head_dim, qo.seed ^ UINT64_C(0x56565656));
+    }
+    in->tok_bytes = rows.krow + rows.kszb + rows.vrow + rows.vszb + sizeof(int32_t) +
+                    sizeof(float) + 1;
     in->head_tokens_per_token = htpt;
-    in->kv_ratio = cfg.kv_ratio > 0 ? cfg.kv_ratio : full_ratio(&g, in->elem, B);
+    in->kv_ratio = cfg.kv_ratio > 0 ? cfg.kv_ratio : full_ratio(&g, &rows, B);
     /* Per layer and head: one partly filled block, the first table, a cap's
      * "+1" token and the two ceil() roundings; the first run array. */
     in->seq_overhead = fg_seq_fixed_bytes(in) +
@@ -221,11 +321,14 @@ static kvc_status fg_save(kvc_instance *in, void *buf, size_t buf_size, size_t *
                      "fastgen has no parameters, so no artifact to save");
 }
 
+static const kvc_plugin fg_plugin; /* below: its caps are the instance's */
+
 static kvc_status fg_instance_stats(const kvc_instance *in, kvc_instance_stats *out)
 {
     if (!in)
         return KVC_E_INVALID;
-    return kvcp_instance_stats_out(out, 0, sizeof *in, in->kv_ratio, in->seq_overhead);
+    return kvcp_instance_stats_out(out, 0, sizeof *in, in->kv_ratio, in->seq_overhead,
+                                   fg_plugin.caps);
 }
 
 /* ---- sequences ---------------------------------------------------------------- */
@@ -311,7 +414,7 @@ static kvc_status fg_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
         return KVC_E_VERSION;
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
-    const uint64_t hd_payload = 2ull * g->head_dim * in->elem;
+    const uint64_t hd_payload = in->krow + in->vrow; /* values, or codes */
     uint64_t tokens = 0, in_blocks = 0, pending = 0, pay = 0, other = 0;
     for (uint32_t l = 0; l < g->n_layers; l++) {
         const fg_layer *L = &s->layers[l];

@@ -44,6 +44,7 @@
 #define KVC_FASTGEN_H
 
 #include "kvcp.h"
+#include "qstore.h"
 
 #define FG_ID "fastgen"
 #define FG_EXPORT_VERSION 1u
@@ -64,12 +65,18 @@ enum { FG_F32 = 0, FG_F16 = 1 };
 
 /* One KV head's kept tokens: blocks of block_tokens slots, dense (tokens
  * 0..n-1 fill the blocks in order; only the last block is partial). A
- * block holds, with B = block_tokens, d = head_dim, e = element bytes:
- *   k     [B][d] post-RoPE keys (e each)
- *   v     [B][d] values
+ * block holds, with B = block_tokens, each region 8-byte aligned:
+ *   k     [B][krow] post-RoPE keys: d values of the storage type, or a
+ *         quantized row's codes (k_bits/v_bits)
+ *   ksz   [B][kszb] a quantized key row's fp16 scales and zero points
+ *         (kszb = 0 unquantized)
+ *   v     [B][vrow] values, likewise (Hadamard-rotated when quantized)
+ *   vsz   [B][vszb]
  *   pos   [B] int32 positions
  *   score [B] float cumulative attention (pooled over the query heads)
- *   flags [B] uint8 KVC_TOKEN_* */
+ *   flags [B] uint8 KVC_TOKEN_*
+ * A token's STORAGE ROW is its k then ksz bytes (keys) or v then vsz
+ * bytes (values): what push takes, export writes and import reads. */
 typedef struct fg_head {
     uint32_t n;          /* tokens kept */
     uint32_t n_blocks;   /* ceil(n / B) */
@@ -139,15 +146,24 @@ typedef struct fg_config {
                              * budget mode adds the scaled variants after them */
     uint32_t cand[FG_MAX_CAND_ALL];    /* FG_* bits */
     float cand_scale[FG_MAX_CAND_ALL]; /* r_local, r_frequent multiplier */
-    int dtype;              /* FG_F32 / FG_F16 */
+    int dtype;              /* FG_F32 / FG_F16; FG_F16 when quantized (pending tokens) */
     uint32_t block_tokens;
+    /* Quantized kept tokens (k_bits/v_bits; 0 = storage type), recorded in
+     * exports so a blob meets only an instance storing the same way. */
+    uint32_t k_bits, v_bits, group, k_had, v_had;
 } fg_config;
 
 struct kvc_instance {
     kvc_host host;
     kvcp_geom g;
     fg_config cfg;
-    size_t elem;            /* bytes per stored value */
+    size_t elem;            /* bytes per value of pending tokens (and of kept ones unquantized) */
+    size_t krow, kszb, vrow, vszb; /* bytes per slot of the block regions above */
+    size_t off_ksz, off_v, off_vsz, off_pos; /* region offsets in a block */
+    int quant;              /* kept tokens quantized per token (k_bits/v_bits) */
+    kvck_qfmt kf, vf;       /* their row formats */
+    int k_had, v_had;       /* Hadamard rotation of keys (queries alike) / values (outputs back) */
+    float k_signs[KVCK_MAX_HEAD_DIM], v_signs[KVCK_MAX_HEAD_DIM];
     size_t block_bytes;     /* one head block */
     size_t tok_bytes;       /* bytes one kept head-token costs in a block */
     double head_tokens_per_token; /* budget mode: head-tokens a layer may keep per token */
@@ -164,13 +180,21 @@ static inline void *fg_blk_k(const kvc_instance *in, void *blk)
     (void)in;
     return blk;
 }
+static inline void *fg_blk_ksz(const kvc_instance *in, void *blk)
+{
+    return (char *)blk + in->off_ksz;
+}
 static inline void *fg_blk_v(const kvc_instance *in, void *blk)
 {
-    return (char *)blk + (size_t)in->cfg.block_tokens * in->g.head_dim * in->elem;
+    return (char *)blk + in->off_v;
+}
+static inline void *fg_blk_vsz(const kvc_instance *in, void *blk)
+{
+    return (char *)blk + in->off_vsz;
 }
 static inline int32_t *fg_blk_pos(const kvc_instance *in, void *blk)
 {
-    return (int32_t *)((char *)blk + 2 * (size_t)in->cfg.block_tokens * in->g.head_dim * in->elem);
+    return (int32_t *)((char *)blk + in->off_pos);
 }
 static inline float *fg_blk_score(const kvc_instance *in, void *blk)
 {
@@ -195,8 +219,8 @@ static inline void *fg_tok_block(const kvc_instance *in, const fg_head *h, uint3
 kvc_status fg_head_reserve(const kvc_instance *in, fg_head *h, fg_bytes *cnt, uint64_t tokens);
 /* Frees h's spare blocks (after a call that reserved, or removed tokens). */
 void fg_head_trim(const kvc_instance *in, fg_head *h, fg_bytes *cnt);
-/* Appends one token (key/value rows [head_dim] in the storage type) to a
- * head with room reserved. */
+/* Appends one token (its key and value storage rows, see the block
+ * layout) to a head with room reserved. */
 void fg_head_push(const kvc_instance *in, fg_head *h, const void *k, const void *v, int32_t pos,
                   uint8_t flags, float score);
 /* Removes token i: the last token moves into its slot; an emptied last
@@ -232,6 +256,15 @@ void fg_runs_push(fg_layer *L, int32_t pos);
 /* Keeps stepped positions < p; returns how many remain. */
 uint64_t fg_runs_truncate(fg_layer *L, int32_t p);
 void fg_runs_release(const kvc_instance *in, fg_layer *L, fg_bytes *cnt);
+
+/* A pending token's rows of head h (d values of the pending type, already
+ * rotated) as key and value storage rows: copied, or quantized. */
+void fg_storage_rows(const kvc_instance *in, const void *k, const void *v, uint8_t *krow,
+                     uint8_t *vrow);
+/* Slot i of a block's keys or values back as d floats (dequantized), in
+ * the stored basis (rotated when quantized with Hadamard). */
+void fg_slot_keys(const kvc_instance *in, void *blk, uint32_t i, float *dst);
+void fg_slot_values(const kvc_instance *in, void *blk, uint32_t i, float *dst);
 
 /* Frees the stepped part of a layer (heads, runs) and unprofiles it;
  * pending tokens stay. */

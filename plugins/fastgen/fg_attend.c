@@ -33,13 +33,26 @@ kvc_status fg_append(kvc_seq *s, uint32_t layer, uint32_t n, const int32_t *posi
     if (st)
         return st;
     size_t count = (size_t)n * g->n_kv * g->head_dim;
-    float *k_rot = kvcp_alloc(&in->host, count * sizeof(float), KVC_USAGE_SCRATCH);
+    /* Rotated keys; with the Hadamard option the values' rotated copy. */
+    const size_t bytes = (in->v_had ? 2 : 1) * count * sizeof(float);
+    float *k_rot = kvcp_alloc(&in->host, bytes, KVC_USAGE_SCRATCH);
     if (!k_rot)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_NOMEM,
                          "append: out of memory for %u rotated keys", n);
     kvck_rope_apply(&g->rope, n, g->n_kv, positions, k_pre, k_rot);
-    st = fg_pending_push(in, &s->layers[layer], &s->bytes, n, positions, flags, k_rot, v);
-    kvcp_free(&in->host, k_rot, count * sizeof(float));
+    const float *vs = v;
+    if (in->k_had)
+        for (size_t r = 0; r < (size_t)n * g->n_kv; r++)
+            kvck_hadamard(k_rot + r * g->head_dim, g->head_dim, in->k_signs);
+    if (in->v_had) {
+        float *vr = k_rot + count;
+        memcpy(vr, v, count * sizeof(float));
+        for (size_t r = 0; r < (size_t)n * g->n_kv; r++)
+            kvck_hadamard(vr + r * g->head_dim, g->head_dim, in->v_signs);
+        vs = vr;
+    }
+    st = fg_pending_push(in, &s->layers[layer], &s->bytes, n, positions, flags, k_rot, vs);
+    kvcp_free(&in->host, k_rot, bytes);
     if (st)
         return kvcp_fail(s->msg, sizeof s->msg, st, "append: out of memory for %u tokens", n);
     return KVC_OK;
@@ -59,6 +72,7 @@ typedef struct fg_scratch {
     uint8_t *flags;  /* [max_n] prompt flags */
     uint64_t *evict; /* [2 * max_n] eviction scratch */
     void *prof;      /* fg_profile memory (prompt only) */
+    float *qk;       /* kvck_q_scores / kvck_q_pv scratch (quantized tokens) */
 } fg_scratch;
 
 static size_t align64(size_t x)
@@ -73,7 +87,12 @@ static size_t scratch_layout(const kvc_instance *in, uint32_t n_q, uint64_t max_
     const kvcp_geom *g = &in->g;
     const size_t d = g->head_dim, G = g->group, B = in->cfg.block_tokens;
     const size_t rows = (size_t)FG_Q_CHUNK * G;
-    size_t sizes[11] = {
+    size_t qk = 0;
+    if (in->quant) {
+        size_t a = kvck_q_scratch_floats(&in->kf, rows, B), b = kvck_q_scratch_floats(&in->vf, rows, B);
+        qk = (a > b ? a : b) * sizeof(float);
+    }
+    size_t sizes[12] = {
         (size_t)n_q * g->n_q * d * sizeof(float),
         rows * d * sizeof(float),
         rows * d * sizeof(float),
@@ -85,13 +104,14 @@ static size_t scratch_layout(const kvc_instance *in, uint32_t n_q, uint64_t max_
         (size_t)max_n,
         2 * (size_t)max_n * sizeof(uint64_t),
         prompt ? fg_profile_bytes(in, (uint32_t)max_n) : 0,
+        qk,
     };
-    void **slots[11] = {(void **)&sc->q,     (void **)&sc->qrows, (void **)&sc->orows,
+    void **slots[12] = {(void **)&sc->q,     (void **)&sc->qrows, (void **)&sc->orows,
                         (void **)&sc->p,     (void **)&sc->pooled, (void **)&sc->kbuf,
                         (void **)&sc->vbuf,  (void **)&sc->pos,   (void **)&sc->flags,
-                        (void **)&sc->evict, (void **)&sc->prof};
+                        (void **)&sc->evict, (void **)&sc->prof,  (void **)&sc->qk};
     size_t off = 0;
-    for (int i = 0; i < 11; i++) {
+    for (int i = 0; i < 12; i++) {
         if (base)
             *slots[i] = sizes[i] ? base + off : NULL;
         off += align64(sizes[i]);
@@ -128,7 +148,13 @@ static void head_attend(const kvc_instance *in, const fg_head *h, size_t rows,
         return;
     for (uint32_t b = 0; b < h->n_blocks; b++) {
         size_t nb = b + 1 == h->n_blocks ? n - b * B : B;
-        const float *k = block_rows(in, fg_blk_k(in, h->blocks[b]), (uint32_t)nb, sc->kbuf);
+        void *blk = h->blocks[b];
+        if (in->quant) {
+            kvck_q_scores(&in->kf, KVCK_QS_TOKEN, rows, q, d, nb, fg_blk_k(in, blk),
+                          fg_blk_ksz(in, blk), p + b * B, n, sc->qk);
+            continue;
+        }
+        const float *k = block_rows(in, fg_blk_k(in, blk), (uint32_t)nb, sc->kbuf);
         kvck_scores(rows, d, q, d, k, d, nb, p + b * B, n);
     }
     for (size_t r = 0; r < rows; r++) {
@@ -153,7 +179,13 @@ static void head_attend(const kvc_instance *in, const fg_head *h, size_t rows,
     }
     for (uint32_t b = 0; b < h->n_blocks; b++) {
         size_t nb = b + 1 == h->n_blocks ? n - b * B : B;
-        const float *v = block_rows(in, fg_blk_v(in, h->blocks[b]), (uint32_t)nb, sc->vbuf);
+        void *blk = h->blocks[b];
+        if (in->quant) {
+            kvck_q_pv(&in->vf, KVCK_QS_TOKEN, rows, p + b * B, n, nb, fg_blk_v(in, blk),
+                      fg_blk_vsz(in, blk), out, sc->qk);
+            continue;
+        }
+        const float *v = block_rows(in, fg_blk_v(in, blk), (uint32_t)nb, sc->vbuf);
         kvck_pv(rows, d, p + b * B, n, v, d, nb, out);
     }
 }
@@ -199,9 +231,15 @@ static void admit_next(const kvc_instance *in, fg_layer *L, fg_bytes *cnt)
     const size_t hd = (size_t)in->g.head_dim * in->elem;
     const size_t row = (size_t)in->g.n_kv * hd;
     uint32_t t = c->used;
-    for (uint32_t h = 0; h < in->g.n_kv; h++)
-        fg_head_push(in, &L->heads[h], (char *)c->k + t * row + h * hd,
-                     (char *)c->v + t * row + h * hd, c->pos[t], c->flags[t], 0.0f);
+    /* Storage rows: a quantized row is at most codes of 8 bits plus a scale
+     * and zero per group. */
+    uint8_t kr[KVCK_MAX_HEAD_DIM * 4 + KVCK_QGROUP_MAX * 4];
+    uint8_t vr[KVCK_MAX_HEAD_DIM * 4 + KVCK_QGROUP_MAX * 4];
+    for (uint32_t h = 0; h < in->g.n_kv; h++) {
+        fg_storage_rows(in, (char *)c->k + t * row + h * hd, (char *)c->v + t * row + h * hd, kr,
+                        vr);
+        fg_head_push(in, &L->heads[h], kr, vr, c->pos[t], c->flags[t], 0.0f);
+    }
     fg_runs_push(L, c->pos[t]);
     L->n_seen++;
     L->last_step_pos = c->pos[t];
@@ -373,10 +411,16 @@ static kvc_status attend_one(kvc_seq *s, uint32_t layer, uint32_t n_q, const int
     size_t nq_all = (size_t)n_q * g->n_q * g->head_dim;
     for (size_t i = 0; i < nq_all; i++)
         sc.q[i] *= g->scale;
+    if (in->k_had) /* keys are kept rotated: so are the queries (q.k unchanged) */
+        for (size_t r = 0; r < (size_t)n_q * g->n_q; r++)
+            kvck_hadamard(sc.q + r * g->head_dim, g->head_dim, in->k_signs);
     if (prompt)
         run_prompt(s, L, n_q, positions, out, &sc, qmax);
     else
         run_steps(s, L, n_q, positions, out, &sc);
+    if (in->v_had) /* outputs are sums of rotated values: rotate back */
+        for (size_t r = 0; r < (size_t)n_q * g->n_q; r++)
+            kvck_hadamard_inv(out + r * g->head_dim, g->head_dim, in->v_signs);
     for (uint32_t h = 0; h < g->n_kv; h++)
         fg_head_trim(in, &L->heads[h], &s->bytes);
     kvcp_free(&in->host, base, bytes);
@@ -445,6 +489,16 @@ static void read_row(const kvc_instance *in, const void *base, size_t t, float *
         kvck_f16_to_f32_n((const uint16_t *)base + t * d, dst, d);
 }
 
+/* Materialized row `at` back from the Hadamard basis it is kept in. */
+static void unrotate(const kvc_instance *in, const kvc_materialized *out, size_t at)
+{
+    const size_t d = in->g.head_dim;
+    if (out->k && in->k_had)
+        kvck_hadamard_inv(out->k + at * d, d, in->k_signs);
+    if (out->v && in->v_had)
+        kvck_hadamard_inv(out->v + at * d, d, in->v_signs);
+}
+
 kvc_status fg_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
 {
     if (!s)
@@ -487,9 +541,10 @@ kvc_status fg_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
             size_t slot = order[j].idx % B;
             out->positions[at] = order[j].pos;
             if (out->k)
-                read_row(in, fg_blk_k(in, blk), slot, out->k + at * d);
+                fg_slot_keys(in, blk, (uint32_t)slot, out->k + at * d);
             if (out->v)
-                read_row(in, fg_blk_v(in, blk), slot, out->v + at * d);
+                fg_slot_values(in, blk, (uint32_t)slot, out->v + at * d);
+            unrotate(in, out, at);
         }
         for (const fg_pending *c = L->pend; c; c = c->next)
             for (uint32_t t = c->used; t < c->n; t++, at++) {
@@ -499,6 +554,7 @@ kvc_status fg_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
                     read_row(in, c->k, r, out->k + at * d);
                 if (out->v)
                     read_row(in, c->v, r, out->v + at * d);
+                unrotate(in, out, at);
             }
     }
     if (order)

@@ -3,11 +3,13 @@
  * little-endian):
  *   geometry record (kvcp_geom_write)
  *   config: u32 dtype, u32 block_tokens, f32 T, r_local, r_frequent,
- *           kv_ratio, u32 n_cand, (u32 bits, f32 scale)[n_cand]
+ *           kv_ratio, u32 n_cand, (u32 bits, f32 scale)[n_cand],
+ *           u32 k_bits, v_bits, group, k_had, v_had (0 unquantized)
  *   per layer: u32 profiled, u64 n_seen, i32 last_pos, i32 last_step_pos,
  *     u32 n_runs, (i32 pos0, u32 n)[n_runs],
  *     per KV head: u32 policy, f32 recovered, f32 share, f32 scale, u32 n,
- *       per kept token: i32 pos, f32 score, u8 flags, K [d], V [d] (storage type)
+ *       per kept token: i32 pos, f32 score, u8 flags, K and V storage rows (values
+ *       of the storage type, or codes then fp16 scales and zero points)
  *     u32 n_pending, per pending token: i32 pos, u8 flags,
  *       K [n_kv][d], V [n_kv][d] (storage type)
  * Everything is exported as held (cumulative scores and policies too), so
@@ -32,6 +34,11 @@ static void write_config(kvcp_writer *w, const fg_config *c)
         kvcp_w_u32(w, c->cand[i]);
         kvcp_w_f32(w, c->cand_scale[i]);
     }
+    kvcp_w_u32(w, c->k_bits);
+    kvcp_w_u32(w, c->v_bits);
+    kvcp_w_u32(w, c->group);
+    kvcp_w_u32(w, c->k_had);
+    kvcp_w_u32(w, c->v_had);
 }
 
 static void write_payload(void *ctx, kvcp_writer *w)
@@ -40,7 +47,7 @@ static void write_payload(void *ctx, kvcp_writer *w)
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
     const uint32_t B = in->cfg.block_tokens;
-    const size_t row = (size_t)g->head_dim * in->elem, prow = g->n_kv * row;
+    const size_t prow = (size_t)g->n_kv * g->head_dim * in->elem;
     kvcp_geom_write(w, g);
     write_config(w, &in->cfg);
     for (uint32_t l = 0; l < g->n_layers; l++) {
@@ -67,8 +74,10 @@ static void write_payload(void *ctx, kvcp_writer *w)
                 kvcp_w_i32(w, fg_blk_pos(in, blk)[i]);
                 kvcp_w_f32(w, fg_blk_score(in, blk)[i]);
                 kvcp_w_bytes(w, &fg_blk_flags(in, blk)[i], 1);
-                kvcp_w_bytes(w, (char *)fg_blk_k(in, blk) + i * row, row);
-                kvcp_w_bytes(w, (char *)fg_blk_v(in, blk) + i * row, row);
+                kvcp_w_bytes(w, (char *)fg_blk_k(in, blk) + i * in->krow, in->krow);
+                kvcp_w_bytes(w, (char *)fg_blk_ksz(in, blk) + i * in->kszb, in->kszb);
+                kvcp_w_bytes(w, (char *)fg_blk_v(in, blk) + i * in->vrow, in->vrow);
+                kvcp_w_bytes(w, (char *)fg_blk_vsz(in, blk) + i * in->vszb, in->vszb);
             }
         }
         kvcp_w_u32(w, L->n_pending);
@@ -98,7 +107,7 @@ static kvc_status read_config(kvc_seq *s, kvcp_reader *r)
 {
     const fg_config *c = &s->inst->cfg;
     kvcp_writer w;
-    uint8_t mine[16 * 4 + 8 * FG_MAX_CAND_ALL];
+    uint8_t mine[24 * 4 + 8 * FG_MAX_CAND_ALL];
     kvcp_w_init(&w, mine, sizeof mine);
     write_config(&w, c);
     const void *theirs = kvcp_r_view(r, w.pos);
@@ -111,11 +120,20 @@ static kvc_status read_config(kvc_seq *s, kvcp_reader *r)
     return KVC_OK;
 }
 
+/* 1 when the n bytes of fp16 scales and zero points at p are finite. */
+static int scales_finite(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i + 1 < n; i += 2)
+        if ((p[i + 1] & 0x7c) == 0x7c)
+            return 0;
+    return 1;
+}
+
 static kvc_status read_layer(kvc_seq *s, kvc_seq *t, kvcp_reader *r, uint32_t l)
 {
     const kvc_instance *in = s->inst;
     const kvcp_geom *g = &in->g;
-    const size_t row = (size_t)g->head_dim * in->elem, prow = g->n_kv * row;
+    const size_t prow = (size_t)g->n_kv * g->head_dim * in->elem;
     fg_layer *L = &t->layers[l];
     L->profiled = kvcp_r_u32(r) != 0;
     L->n_seen = kvcp_r_u64(r);
@@ -156,8 +174,10 @@ static kvc_status read_layer(kvc_seq *s, kvc_seq *t, kvcp_reader *r, uint32_t l)
             int32_t pos = kvcp_r_i32(r);
             float score = kvcp_r_f32(r);
             const uint8_t *fl = kvcp_r_view(r, 1);
-            const void *k = kvcp_r_view(r, row), *v = kvcp_r_view(r, row);
-            if (r->err || pos < 0 || pos > L->last_step_pos)
+            const uint8_t *k = kvcp_r_view(r, in->krow + in->kszb);
+            const uint8_t *v = kvcp_r_view(r, in->vrow + in->vszb);
+            if (r->err || pos < 0 || pos > L->last_step_pos ||
+                !scales_finite(k + in->krow, in->kszb) || !scales_finite(v + in->vrow, in->vszb))
                 return CORRUPT("import: layer %u head %u token %u is damaged", l, h, j);
             fg_head_push(in, hd, k, v, pos, *fl, score);
         }

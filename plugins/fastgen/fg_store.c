@@ -64,41 +64,94 @@ void fg_head_push(const kvc_instance *in, fg_head *h, const void *k, const void 
                   uint8_t flags, float score)
 {
     const uint32_t B = in->cfg.block_tokens;
-    const size_t row = (size_t)in->g.head_dim * in->elem;
     uint32_t slot = h->n % B;
     if (slot == 0) {
         h->n_blocks++; /* the first spare (reserved) */
         h->n_spare--;
     }
     void *blk = h->blocks[h->n / B];
-    memcpy(slot_ptr(fg_blk_k(in, blk), slot, row), k, row);
-    memcpy(slot_ptr(fg_blk_v(in, blk), slot, row), v, row);
+    const char *kb = k, *vb = v;
+    memcpy(slot_ptr(fg_blk_k(in, blk), slot, in->krow), kb, in->krow);
+    memcpy(slot_ptr(fg_blk_ksz(in, blk), slot, in->kszb), kb + in->krow, in->kszb);
+    memcpy(slot_ptr(fg_blk_v(in, blk), slot, in->vrow), vb, in->vrow);
+    memcpy(slot_ptr(fg_blk_vsz(in, blk), slot, in->vszb), vb + in->vrow, in->vszb);
     fg_blk_pos(in, blk)[slot] = pos;
     fg_blk_score(in, blk)[slot] = score;
     fg_blk_flags(in, blk)[slot] = flags;
     h->n++;
 }
 
+/* Copies slot si of block src into slot di of block dst, every region. */
+static void move_slot(const kvc_instance *in, void *dst, uint32_t di, void *src, uint32_t si)
+{
+    memcpy(slot_ptr(fg_blk_k(in, dst), di, in->krow), slot_ptr(fg_blk_k(in, src), si, in->krow),
+           in->krow);
+    memcpy(slot_ptr(fg_blk_ksz(in, dst), di, in->kszb),
+           slot_ptr(fg_blk_ksz(in, src), si, in->kszb), in->kszb);
+    memcpy(slot_ptr(fg_blk_v(in, dst), di, in->vrow), slot_ptr(fg_blk_v(in, src), si, in->vrow),
+           in->vrow);
+    memcpy(slot_ptr(fg_blk_vsz(in, dst), di, in->vszb),
+           slot_ptr(fg_blk_vsz(in, src), si, in->vszb), in->vszb);
+    fg_blk_pos(in, dst)[di] = fg_blk_pos(in, src)[si];
+    fg_blk_score(in, dst)[di] = fg_blk_score(in, src)[si];
+    fg_blk_flags(in, dst)[di] = fg_blk_flags(in, src)[si];
+}
+
 void fg_head_remove(const kvc_instance *in, fg_head *h, uint32_t i)
 {
     const uint32_t B = in->cfg.block_tokens;
-    const size_t row = (size_t)in->g.head_dim * in->elem;
     uint32_t last = h->n - 1;
-    if (i != last) {
-        void *dst = h->blocks[i / B], *src = h->blocks[last / B];
-        uint32_t di = i % B, si = last % B;
-        memcpy(slot_ptr(fg_blk_k(in, dst), di, row), slot_ptr(fg_blk_k(in, src), si, row), row);
-        memcpy(slot_ptr(fg_blk_v(in, dst), di, row), slot_ptr(fg_blk_v(in, src), si, row), row);
-        fg_blk_pos(in, dst)[di] = fg_blk_pos(in, src)[si];
-        fg_blk_score(in, dst)[di] = fg_blk_score(in, src)[si];
-        fg_blk_flags(in, dst)[di] = fg_blk_flags(in, src)[si];
-    }
+    if (i != last)
+        move_slot(in, h->blocks[i / B], i % B, h->blocks[last / B], last % B);
     h->n--;
     if (h->n % B == 0) {
         /* The last block emptied: a spare until fg_head_trim frees it. */
         h->n_blocks--;
         h->n_spare++;
     }
+}
+
+/* ---- storage rows ---------------------------------------------------------------- */
+
+void fg_storage_rows(const kvc_instance *in, const void *k, const void *v, uint8_t *krow,
+                     uint8_t *vrow)
+{
+    const size_t d = in->g.head_dim;
+    if (!in->quant) {
+        memcpy(krow, k, in->krow);
+        memcpy(vrow, v, in->vrow);
+        return;
+    }
+    float x[KVCK_MAX_HEAD_DIM];
+    kvck_f16_to_f32_n(k, x, d);
+    kvck_q_quantize(&in->kf, KVCK_QS_TOKEN, 1, x, d, NULL, krow, (uint16_t *)(krow + in->krow));
+    kvck_f16_to_f32_n(v, x, d);
+    kvck_q_quantize(&in->vf, KVCK_QS_TOKEN, 1, x, d, NULL, vrow, (uint16_t *)(vrow + in->vrow));
+}
+
+/* Slot i of one block region pair (codes or values, scales) as floats. */
+static void slot_floats(const kvc_instance *in, const kvck_qfmt *f, const void *rows,
+                        const void *sz, size_t row, size_t szb, uint32_t i, float *dst)
+{
+    const size_t d = in->g.head_dim;
+    const char *r = (const char *)rows + (size_t)i * row;
+    if (in->quant)
+        kvck_q_dequantize(f, KVCK_QS_TOKEN, 1, (const uint8_t *)r,
+                          (const uint16_t *)((const char *)sz + (size_t)i * szb), dst, d);
+    else if (in->elem == 4)
+        memcpy(dst, r, d * sizeof(float));
+    else
+        kvck_f16_to_f32_n((const uint16_t *)r, dst, d);
+}
+
+void fg_slot_keys(const kvc_instance *in, void *blk, uint32_t i, float *dst)
+{
+    slot_floats(in, &in->kf, fg_blk_k(in, blk), fg_blk_ksz(in, blk), in->krow, in->kszb, i, dst);
+}
+
+void fg_slot_values(const kvc_instance *in, void *blk, uint32_t i, float *dst)
+{
+    slot_floats(in, &in->vf, fg_blk_v(in, blk), fg_blk_vsz(in, blk), in->vrow, in->vszb, i, dst);
 }
 
 void fg_head_release(const kvc_instance *in, fg_head *h, fg_bytes *cnt)

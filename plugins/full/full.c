@@ -11,7 +11,7 @@
 
 /* ---- options ------------------------------------------------------------- */
 
-enum { OPT_DTYPE, OPT_KV_RATIO, OPT_BLOCK_TOKENS, N_OPTS };
+enum { OPT_DTYPE, OPT_KV_RATIO, OPT_BLOCK_TOKENS, OPT_QS, N_OPTS = OPT_QS + KVCP_QS_N_OPTS };
 
 static const kvc_option_desc opt_dtype = {
     sizeof(kvc_option_desc), KVC_OPT_ENUM, "dtype", "fp32", "fp32|fp16", 0, 0,
@@ -23,8 +23,8 @@ static const kvc_option_desc opt_kv_ratio = {
 static const kvc_option_desc opt_block_tokens = {
     sizeof(kvc_option_desc), KVC_OPT_INT, "block_tokens", "64", NULL, 1, 65536,
     "Tokens per storage block: memory grows one block per layer at a time."};
-static const kvc_option_desc *const full_options[N_OPTS] = {&opt_dtype, &opt_kv_ratio,
-                                                           &opt_block_tokens};
+static const kvc_option_desc *const full_options[N_OPTS] = {
+    &opt_dtype, &opt_kv_ratio, &opt_block_tokens, KVCP_QS_OPTION_LIST};
 
 /* ---- budget --------------------------------------------------------------- */
 
@@ -44,6 +44,9 @@ size_t full_seq_fixed_bytes(const kvc_instance *inst)
 }
 
 /* ---- instance ------------------------------------------------------------- */
+
+static void full_destroy(kvc_instance *in);
+static const kvc_plugin full_plugin;
 
 static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, char *msg,
                               size_t msg_size)
@@ -65,8 +68,14 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
 
     int dtype = (int)v[OPT_DTYPE].num;
     uint32_t block_tokens = (uint32_t)v[OPT_BLOCK_TOKENS].num;
+    kvcp_qs_opts qo;
+    kvck_qfmt kf, vf;
+    int quant = 0;
+    st = kvcp_qs_opts_parse(v + OPT_QS, &g, block_tokens, &qo, &kf, &vf, &quant, msg, msg_size);
+    if (st)
+        return st;
     double r32 = declared_ratio(&g, 4, block_tokens), r16 = declared_ratio(&g, 2, block_tokens);
-    if (v[OPT_KV_RATIO].set) {
+    if (v[OPT_KV_RATIO].set && !quant) {
         double want = v[OPT_KV_RATIO].num;
         if (!v[OPT_DTYPE].set)
             dtype = want >= r32 ? FULL_F32 : FULL_F16;
@@ -74,7 +83,8 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
         if (want < need)
             return kvcp_fail(msg, msg_size, KVC_E_INVALID,
                              "kv_ratio %g is below what full's %s storage needs (%.4f, "
-                             "positions and block tables counted); full does not compress",
+                             "positions and block tables counted); set k_bits and v_bits to "
+                             "quantize",
                              want, dtype == FULL_F32 ? "fp32" : "fp16", need);
     }
 
@@ -96,6 +106,27 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
                        (uint64_t)g.n_layers *
                            (in->block_bytes + (uint64_t)block_tokens * sizeof(int32_t) +
                             (KVCP_TABLE_INIT + 2) * sizeof(kvcp_block));
+    if (quant) {
+        st = kvcp_qs_init(&in->qs, &in->host, &in->g, &qo, msg, msg_size);
+        if (st) {
+            full_destroy(in);
+            return st;
+        }
+        in->quant = 1;
+        in->kv_ratio = kvcp_qs_token_ratio(&in->qs);
+        in->seq_overhead = full_seq_fixed_bytes(in) +
+                           (uint64_t)g.n_layers * sizeof(kvcp_qs_layer) +
+                           kvcp_qs_seq_overhead(&in->qs);
+        if (v[OPT_KV_RATIO].set && v[OPT_KV_RATIO].num < in->kv_ratio) {
+            kvcp_fail(msg, msg_size, KVC_E_INVALID,
+                      "kv_ratio %g is below what k_bits %g / v_bits %g need (%.4f of fp16, "
+                      "scales, outlier slots, positions and block tables counted)",
+                      v[OPT_KV_RATIO].num, v[OPT_QS + KVCP_QS_OPT_K_BITS].num,
+                      v[OPT_QS + KVCP_QS_OPT_V_BITS].num, in->kv_ratio);
+            full_destroy(in);
+            return KVC_E_INVALID;
+        }
+    }
     *out = in;
     return KVC_OK;
 }
@@ -105,6 +136,7 @@ static void seq_free(kvc_seq *s)
     kvc_instance *in = s->inst;
     full_layers_release(in, s->layers, &s->bytes);
     kvcp_free(&in->host, s->layers, (size_t)in->g.n_layers * sizeof(kvcp_pages));
+    full_q_seq_free(s);
     kvcp_free(&in->host, s, sizeof *s);
 }
 
@@ -118,6 +150,7 @@ static void full_destroy(kvc_instance *in)
     if (!in)
         return;
     kvcp_seqlist_drain(&in->seqs, seq_free_link, &in->host, FULL_ID);
+    kvcp_qs_free(&in->qs);
     kvc_host host = in->host;
     kvcp_free(&host, in, sizeof *in);
 }
@@ -165,7 +198,15 @@ static kvc_status full_instance_stats(const kvc_instance *in, kvc_instance_stats
 {
     if (!in)
         return KVC_E_INVALID;
-    return kvcp_instance_stats_out(out, 0, sizeof *in, in->kv_ratio, in->seq_overhead);
+    /* Lossless only in fp32; truncate exact unless quantized tokens can be
+     * rounded again (per-channel key blocks, a window). */
+    uint64_t caps = full_plugin.caps;
+    if (in->quant || in->dtype != FULL_F32)
+        caps &= ~KVC_CAP_EXACT;
+    if (in->quant && (in->qs.o.k_mode == KVCK_QS_CHANNEL || in->qs.o.window))
+        caps &= ~KVC_CAP_TRUNCATE;
+    return kvcp_instance_stats_out(out, in->quant ? in->qs.param_bytes : 0, sizeof *in,
+                                   in->kv_ratio, in->seq_overhead, caps);
 }
 
 /* ---- sequences ------------------------------------------------------------ */
@@ -177,14 +218,22 @@ static kvc_status full_seq_open(kvc_instance *in, kvc_seq **out)
     kvc_seq *s = kvcp_alloc(&in->host, sizeof *s, KVC_USAGE_CACHE);
     if (!s)
         return KVC_E_NOMEM;
-    s->layers = kvcp_alloc(&in->host, (size_t)in->g.n_layers * sizeof(kvcp_pages),
-                           KVC_USAGE_CACHE);
-    if (!s->layers) {
-        kvcp_free(&in->host, s, sizeof *s);
-        return KVC_E_NOMEM;
+    s->inst = in;
+    if (in->quant) {
+        if (full_q_seq_init(s)) {
+            kvcp_free(&in->host, s, sizeof *s);
+            return KVC_E_NOMEM;
+        }
+    } else {
+        s->layers = kvcp_alloc(&in->host, (size_t)in->g.n_layers * sizeof(kvcp_pages),
+                               KVC_USAGE_CACHE);
+        if (!s->layers) {
+            kvcp_free(&in->host, s, sizeof *s);
+            return KVC_E_NOMEM;
+        }
+        for (uint32_t l = 0; l < in->g.n_layers; l++)
+            s->layers[l].last_pos = -1;
     }
-    for (uint32_t l = 0; l < in->g.n_layers; l++)
-        s->layers[l].last_pos = -1;
     s->inst = in;
     kvcp_seqlist_add(&in->seqs, &s->link);
     *out = s;
@@ -213,6 +262,11 @@ static kvc_status full_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
         return KVC_E_VERSION;
     const kvc_instance *in = s->inst;
     kvc_seq_stats st = {0};
+    if (in->quant) {
+        full_q_stats(s, &st);
+        kvcp_stats_out(out, &st, sizeof st);
+        return KVC_OK;
+    }
     uint64_t tokens = 0;
     for (uint32_t l = 0; l < in->g.n_layers; l++)
         tokens += s->layers[l].n;
@@ -237,9 +291,15 @@ typedef struct full_describe_ctx {
 static void full_describe_line(const void *ctx, uint32_t h, char *words, size_t cap)
 {
     const full_describe_ctx *c = ctx;
-    (void)h;
-    snprintf(words, cap, "tokens=%u dtype=%s", c->tokens,
-             c->in->dtype == FULL_F16 ? "fp16" : "fp32");
+    const kvc_instance *in = c->in;
+    if (in->quant)
+        snprintf(words, cap, "tokens=%u k_bits=%u v_bits=%u k_scale=%s k_rope=%s", c->tokens,
+                 in->qs.lf[0].k[h].seg[0].bits, in->qs.lf[0].v[h].seg[0].bits,
+                 in->qs.o.k_mode == KVCK_QS_CHANNEL ? "channel" : "token",
+                 in->qs.o.k_pre ? "pre" : "post");
+    else
+        snprintf(words, cap, "tokens=%u dtype=%s", c->tokens,
+                 in->dtype == FULL_F16 ? "fp16" : "fp32");
 }
 
 static kvc_status full_seq_describe(const kvc_seq *s, uint32_t layer, char *buf,
@@ -252,7 +312,7 @@ static kvc_status full_seq_describe(const kvc_seq *s, uint32_t layer, char *buf,
     if (layer >= in->g.n_layers)
         return kvcp_fail(msg, KVCP_MSG_SIZE, KVC_E_INVALID,
                          "describe: layer %u out of range (%u layers)", layer, in->g.n_layers);
-    full_describe_ctx c = {in, s->layers[layer].n};
+    full_describe_ctx c = {in, in->quant ? full_q_tokens(s, layer) : s->layers[layer].n};
     return kvcp_describe(in->g.n_kv, full_describe_line, &c, buf, buf_size, size, msg,
                          KVCP_MSG_SIZE);
 }
@@ -270,8 +330,8 @@ static const kvc_plugin full_plugin = {
         "fp16, in paged blocks; exact causal GQA attention with a streaming softmax. Every "
         "compressor is measured against it.",
     .license = "MIT",
-    .caps = KVC_CAP_CPU | KVC_CAP_MATERIALIZE | KVC_CAP_EXPORT | KVC_CAP_TRUNCATE |
-            KVC_CAP_FORK | KVC_CAP_EXACT,
+    .caps = KVC_CAP_CPU | KVC_CAP_QUANTIZES | KVC_CAP_MATERIALIZE | KVC_CAP_EXPORT |
+            KVC_CAP_TRUNCATE | KVC_CAP_FORK | KVC_CAP_EXACT,
     .n_options = N_OPTS,
     .options = full_options,
     .create = full_create,

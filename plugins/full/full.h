@@ -17,17 +17,20 @@
 
 #include "kvcp.h"
 #include "pages.h"
+#include "qstore.h"
 
 #define FULL_ID "full"
 #define FULL_EXPORT_VERSION 1u
 
-enum { FULL_F32 = 0, FULL_F16 = 1 };
+enum { FULL_F32 = 0, FULL_F16 = 1, FULL_QUANT = 2 /* export records only */ };
 
 struct kvc_seq {
     kvcp_link link;              /* in the instance's open sequences */
     kvc_instance *inst;
-    kvcp_pages *layers;          /* [n_layers] */
+    kvcp_pages *layers;          /* [n_layers], dtype storage (inst->quant == 0) */
     kvcp_page_bytes bytes;       /* allocated blocks, position arrays, tables */
+    kvcp_qs_layer *qlayers;      /* [n_layers], quantized storage (inst->quant) */
+    kvcp_qs_bytes qbytes;
     char msg[KVCP_MSG_SIZE];
 };
 
@@ -41,6 +44,8 @@ struct kvc_instance {
     double kv_ratio;       /* declared budget (KVC-REQ-9) */
     uint64_t seq_overhead; /* declared per-sequence constant */
     kvcp_seqlist seqs;     /* open sequences */
+    int quant;             /* keys and values in the quantized store (k_bits/v_bits) */
+    kvcp_qs qs;            /* its configuration */
     char msg[KVCP_MSG_SIZE];
 };
 
@@ -84,6 +89,21 @@ kvc_status full_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *
 kvc_status full_attend_batch(kvc_instance *inst, uint32_t layer, uint32_t n_items,
                              const kvc_attend_item *const *items);
 kvc_status full_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out);
+
+/* full_quant.c: the same operations on the quantized store (inst->quant). */
+kvc_status full_q_seq_init(kvc_seq *s);
+void full_q_seq_free(kvc_seq *s);
+kvc_status full_q_append(kvc_seq *s, uint32_t layer, uint32_t n, const int32_t *positions,
+                         const void *k_pre, const void *v);
+kvc_status full_q_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *positions,
+                         const void *q_pre, void *out);
+kvc_status full_q_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out);
+void full_q_truncate(kvc_seq *s, int32_t position);
+kvc_status full_q_fork(const kvc_seq *src, kvc_seq *dst);
+void full_q_stats(const kvc_seq *s, kvc_seq_stats *st);
+uint32_t full_q_tokens(const kvc_seq *s, uint32_t layer);
+void full_q_write(const kvc_seq *s, kvcp_writer *w);
+kvc_status full_q_read(kvc_seq *s, kvcp_reader *r);
 
 /* full_io.c */
 kvc_status full_export(kvc_seq *s, void *buf, size_t buf_size, size_t *size);

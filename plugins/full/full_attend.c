@@ -140,6 +140,8 @@ kvc_status full_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *
     if (st)
         return st;
     const kvc_instance *in = s->inst;
+    if (in->quant)
+        return full_q_attend(s, layer, n_q, positions, q_pre, out);
     size_t bytes = scratch_floats(in, n_q) * sizeof(float);
     float *base = kvcp_alloc(&in->host, bytes, KVC_USAGE_SCRATCH);
     if (!base)
@@ -161,6 +163,15 @@ kvc_status full_attend_batch(kvc_instance *in, uint32_t layer, uint32_t n_items,
         return st;
     if (!n_items)
         return KVC_OK;
+    if (in->quant) {
+        /* Each item in order, as the contract says attend_batch equals. */
+        for (uint32_t i = 0; i < n_items; i++) {
+            const kvc_attend_item *it = items[i];
+            if ((st = full_q_attend(it->seq, layer, it->n_q, it->positions, it->q_pre, it->out)))
+                return st;
+        }
+        return KVC_OK;
+    }
     size_t bytes = scratch_floats(in, max_q) * sizeof(float);
     float *base = kvcp_alloc(&in->host, bytes, KVC_USAGE_SCRATCH);
     if (!base) {
@@ -187,6 +198,8 @@ kvc_status full_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
     kvc_status st = kvcp_check_materialize(g, layer, out, s->msg, sizeof s->msg);
     if (st)
         return st;
+    if (in->quant)
+        return full_q_materialize(s, layer, out);
     const kvcp_pages *L = &s->layers[layer];
     if (out->positions && out->capacity < L->n)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_BUFFER,

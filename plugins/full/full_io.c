@@ -1,7 +1,9 @@
 /*
  * kvc-full.so export/import. Payload (format 1, little-endian):
  *   geometry record (kvcp_geom_write)
- *   u32 storage dtype (0 fp32, 1 fp16)
+ *   u32 storage dtype (0 fp32, 1 fp16, 2 quantized)
+ *   quantized: u32 the store's fingerprint (kvcp_qs_fingerprint), then per
+ *   layer the store's record (kvcp_qs_write); else
  *   per layer: u32 n; i32 positions[n];
  *              K [n_kv][n][head_dim] and V [n_kv][n][head_dim] in storage dtype
  * Values are exported exactly as stored, so export -> import is lossless
@@ -20,6 +22,12 @@ static void write_payload(void *ctx, kvcp_writer *w)
     const kvcp_geom *g = &in->g;
     const size_t row_bytes = (size_t)g->head_dim * in->elem;
     kvcp_geom_write(w, g);
+    if (in->quant) {
+        kvcp_w_u32(w, FULL_QUANT);
+        kvcp_w_u32(w, kvcp_qs_fingerprint(&in->qs));
+        full_q_write(s, w);
+        return;
+    }
     kvcp_w_u32(w, (uint32_t)in->dtype);
     for (uint32_t l = 0; l < g->n_layers; l++) {
         const kvcp_pages *L = &s->layers[l];
@@ -123,6 +131,23 @@ kvc_status full_import(kvc_seq *s, const void *blob, size_t size)
     uint32_t dtype = kvcp_r_u32(&r);
     if (r.err)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_CORRUPT, "import: blob ends before dtype");
+    if ((dtype == FULL_QUANT) != (in->quant != 0))
+        return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                         "import: blob holds %s storage, this instance %s",
+                         dtype == FULL_QUANT ? "quantized" : "fp32/fp16",
+                         in->quant ? "quantizes" : "does not quantize");
+    if (in->quant) {
+        uint32_t fp = kvcp_r_u32(&r);
+        if (r.err)
+            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_CORRUPT,
+                             "import: blob ends before the storage fingerprint");
+        if (fp != kvcp_qs_fingerprint(&in->qs))
+            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
+                             "import: blob was made with other quantization settings "
+                             "(fingerprint %08x, this instance %08x)",
+                             fp, kvcp_qs_fingerprint(&in->qs));
+        return full_q_read(s, &r);
+    }
     if (dtype != (uint32_t)in->dtype)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
                          "import: blob holds %s values, this instance stores %s",

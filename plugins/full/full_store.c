@@ -69,6 +69,8 @@ kvc_status full_append(kvc_seq *s, uint32_t layer, uint32_t n, const int32_t *po
     if (!s)
         return KVC_E_INVALID;
     const kvc_instance *in = s->inst;
+    if (in->quant)
+        return full_q_append(s, layer, n, positions, k_pre, v);
     const kvcp_geom *g = &in->g;
     kvc_status st = kvcp_pages_check_append(g, s->layers, layer, n, positions, k_pre, v, s->msg,
                                             sizeof s->msg);
@@ -96,6 +98,10 @@ kvc_status full_truncate(kvc_seq *s, int32_t position)
     if (!s)
         return KVC_E_INVALID;
     const kvc_instance *in = s->inst;
+    if (in->quant) {
+        full_q_truncate(s, position);
+        return KVC_OK;
+    }
     kvcp_page_fmt f = full_page_fmt(in);
     for (uint32_t l = 0; l < in->g.n_layers; l++)
         kvcp_pages_truncate(&f, &s->layers[l], &s->bytes, position);
@@ -112,6 +118,8 @@ kvc_status full_fork(const kvc_seq *src, kvc_seq *dst)
     if (dst->inst != in)
         return kvcp_fail(dst->msg, sizeof dst->msg, KVC_E_INVALID,
                          "fork: source and destination belong to different instances");
+    if (in->quant)
+        return full_q_fork(src, dst);
     size_t layers_bytes = (size_t)in->g.n_layers * sizeof(kvcp_pages);
     kvcp_pages *copy = kvcp_alloc(&in->host, layers_bytes, KVC_USAGE_CACHE);
     kvcp_page_bytes cnt = {0, 0, 0};

@@ -1,5 +1,5 @@
 /*
- * test_abi_layout.c -- freezes ABI 1.0, 1.1 and 1.2: the size of every
+ * test_abi_layout.c -- freezes ABI 1.0, 1.1, 1.2 and 1.3: the size of every
  * boundary struct and the offset of every field, on LP64 targets. A layout
  * change breaks the build here; the only legal change in a minor version is
  * a new field at the end. A struct that grew keeps its older size asserted
@@ -101,13 +101,15 @@ KVC_LAYOUT(kvc_seq_stats, bytes_resident, 56);
 KVC_LAYOUT(kvc_seq_stats, bytes_fp16_full, 64);
 KVC_SIZE(kvc_seq_stats, 80); /* 1.2 */
 KVC_LAYOUT(kvc_seq_stats, bytes_pending, 72);
-KVC_SIZE(kvc_instance_stats, 40);
+KVC_SIZE_V10(kvc_instance_stats, seq_overhead_bytes, 40); /* 1.0 .. 1.2 */
 KVC_LAYOUT(kvc_instance_stats, struct_size, 0);
 KVC_LAYOUT(kvc_instance_stats, reserved0, 4);
 KVC_LAYOUT(kvc_instance_stats, bytes_params, 8);
 KVC_LAYOUT(kvc_instance_stats, bytes_fixed, 16);
 KVC_LAYOUT(kvc_instance_stats, kv_ratio, 24);
 KVC_LAYOUT(kvc_instance_stats, seq_overhead_bytes, 32);
+KVC_SIZE(kvc_instance_stats, 48); /* 1.3 */
+KVC_LAYOUT(kvc_instance_stats, caps, 40);
 KVC_SIZE(kvc_materialized, 40);
 KVC_LAYOUT(kvc_materialized, struct_size, 0);
 KVC_LAYOUT(kvc_materialized, capacity, 4);
@@ -178,8 +180,8 @@ _Static_assert(KVC_TOKEN_SPECIAL == 1 && KVC_TOKEN_PUNCT == 2, "token flags chan
 
 START_TEST(version_macros)
 {
-    ck_assert_uint_eq(KVC_ABI_VERSION, 0x00010002u);
-    ck_assert_uint_eq(KVC_VERSION_MINOR(KVC_ABI_VERSION), 2);
+    ck_assert_uint_eq(KVC_ABI_VERSION, 0x00010003u);
+    ck_assert_uint_eq(KVC_VERSION_MINOR(KVC_ABI_VERSION), 3);
     ck_assert_uint_eq(KVC_VERSION_MAJOR(KVC_MAKE_VERSION(3, 7)), 3);
     ck_assert_uint_eq(KVC_VERSION_MINOR(KVC_MAKE_VERSION(3, 7)), 7);
 }
@@ -233,6 +235,20 @@ START_TEST(descriptor_of_a_1_1_plugin)
 }
 END_TEST
 
+START_TEST(instance_stats_of_a_1_2_plugin)
+{
+    /* A 1.0..1.2 side's instance_stats stops before caps: a 1.3 host must
+     * not take the zero it left there for "no capabilities" (it reads caps
+     * only from a 1.3 plugin). */
+    kvc_instance_stats st = {0};
+    st.struct_size = (uint32_t)KVC_V10_SIZE(kvc_instance_stats, seq_overhead_bytes);
+    ck_assert(KVC_HAS_FIELD(&st, kvc_instance_stats, seq_overhead_bytes));
+    ck_assert(!KVC_HAS_FIELD(&st, kvc_instance_stats, caps));
+    st.struct_size = sizeof st;
+    ck_assert(KVC_HAS_FIELD(&st, kvc_instance_stats, caps));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("abi");
@@ -242,6 +258,7 @@ int main(void)
     tcase_add_test(tc, calib_chunk_of_a_1_0_host);
     tcase_add_test(tc, seq_stats_of_a_1_1_plugin);
     tcase_add_test(tc, descriptor_of_a_1_1_plugin);
+    tcase_add_test(tc, instance_stats_of_a_1_2_plugin);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -1,0 +1,239 @@
+/* The quantized store's configuration (qstore.h): formats, the Q block
+ * layout, Hadamard signs, the RoPE table, and the budget arithmetic. */
+#include <math.h>
+#include <string.h>
+#include <zlib.h>
+
+#include "qstore.h"
+
+/* Round up to 8 bytes: every region of a Q block starts aligned. */
+static size_t up8(size_t n)
+{
+    return (n + 7u) & ~(size_t)7u;
+}
+
+/* Outlier slots of one block: round(frac * values), values = block x d. */
+static uint32_t out_cap(double frac, uint32_t block, uint32_t d)
+{
+    double c = floor(frac * (double)block * d + 0.5);
+    return c > 65535 ? 65535u : (uint32_t)c;
+}
+
+/* Lays out head h of a Q block at byte `at`: two u32 outlier counts, then
+ * K codes, K scales, K outliers, V codes, V scales, V outliers. Returns the
+ * byte after. */
+static size_t head_layout(const kvck_qfmt *kf, const kvck_qfmt *vf, int k_mode, uint32_t B,
+                          uint32_t k_cap, uint32_t v_cap, size_t at, kvcp_qs_head *hd)
+{
+    at += 8; /* u32 k_nout, u32 v_nout */
+    hd->k_codes = at;
+    at = up8(at + (size_t)B * kf->row_bytes);
+    hd->k_sz = at;
+    at = up8(at + kvck_q_scale_bytes(kf, k_mode, B));
+    hd->k_out = at;
+    at = up8(at + (size_t)k_cap * sizeof(kvck_qout));
+    hd->v_codes = at;
+    at = up8(at + (size_t)B * vf->row_bytes);
+    hd->v_sz = at;
+    at = up8(at + kvck_q_scale_bytes(vf, KVCK_QS_TOKEN, B));
+    hd->v_out = at;
+    at = up8(at + (size_t)v_cap * sizeof(kvck_qout));
+    return at;
+}
+
+void kvcp_qs_free(kvcp_qs *q)
+{
+    if (!q || !q->host)
+        return;
+    const kvc_host *h = q->host;
+    const kvcp_geom *g = q->g;
+    kvcp_free(h, q->fmts, (size_t)q->n_fmts * sizeof(kvck_qfmt));
+    kvcp_free(h, q->lf, (size_t)g->n_layers * sizeof(kvcp_qs_lfmt));
+    kvcp_free(h, q->heads, (size_t)g->n_layers * g->n_kv * sizeof(kvcp_qs_head));
+    kvcp_free(h, q->k_signs, (size_t)g->head_dim * sizeof(float));
+    kvcp_free(h, q->v_signs, (size_t)g->head_dim * sizeof(float));
+    kvcp_free(h, q->rope_table, q->rope_table_bytes);
+    memset(q, 0, sizeof *q);
+}
+
+static kvc_status check_fmt(const kvck_qfmt *f, const kvcp_geom *g, const char *what, char *msg,
+                            size_t cap)
+{
+    if (f->d != g->head_dim)
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "%s format covers %u channels, head_dim is %u",
+                         what, f->d, g->head_dim);
+    if (f->row_bytes == 0 && f->n_seg == 0)
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "%s format is empty", what);
+    return KVC_OK;
+}
+
+kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
+                        const kvcp_qs_opts *o, char *msg, size_t cap)
+{
+    memset(q, 0, sizeof *q);
+    if (o->block == 0 || o->block > 256)
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "quantized storage needs 1..256 tokens per block, got %u", o->block);
+    if (o->k_pre && o->k_hadamard)
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "keys kept before RoPE cannot also be Hadamard-rotated (RoPE is applied "
+                         "after dequantization, in the unrotated basis)");
+    if (o->k_mode != KVCK_QS_CHANNEL && o->k_mode != KVCK_QS_TOKEN)
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "unknown key scaling mode %d", o->k_mode);
+    if (!(o->k_outliers >= 0 && o->k_outliers <= 0.25 && o->v_outliers >= 0 &&
+          o->v_outliers <= 0.25))
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "outlier fractions must be in [0, 0.25]");
+    const uint32_t L = g->n_layers, H = g->n_kv, d = g->head_dim;
+    const int per_head = o->k_fmt != NULL;
+    if (per_head != (o->v_fmt != NULL) || (!per_head && (!o->k_fmt_all || !o->v_fmt_all)))
+        return kvcp_fail(msg, cap, KVC_E_INTERNAL, "quantized store: formats missing");
+
+    q->host = host;
+    q->g = g;
+    q->o = *o;
+    q->o.k_fmt = q->o.v_fmt = q->o.k_fmt_all = q->o.v_fmt_all = NULL;
+    /* Formats per layer and head ([n_layers][n_kv] K then V), or one K and
+     * one V per head shared by every layer ([n_kv] K then V). */
+    const uint32_t per = per_head ? L * H : H;
+    q->n_fmts = 2 * per;
+    q->fmts = kvcp_alloc(host, (size_t)q->n_fmts * sizeof(kvck_qfmt), KVC_USAGE_INSTANCE);
+    q->lf = kvcp_alloc(host, (size_t)L * sizeof(kvcp_qs_lfmt), KVC_USAGE_INSTANCE);
+    q->heads = kvcp_alloc(host, (size_t)L * H * sizeof(kvcp_qs_head), KVC_USAGE_INSTANCE);
+    if (!q->fmts || !q->lf || !q->heads)
+        goto nomem;
+    for (uint32_t i = 0; i < per; i++) {
+        q->fmts[i] = per_head ? o->k_fmt[i] : *o->k_fmt_all;
+        q->fmts[per + i] = per_head ? o->v_fmt[i] : *o->v_fmt_all;
+    }
+    for (uint32_t i = 0; i < q->n_fmts; i++) {
+        kvc_status st = check_fmt(&q->fmts[i], g, i < per ? "key" : "value", msg, cap);
+        if (st) {
+            kvcp_qs_free(q);
+            return st;
+        }
+    }
+    const uint32_t B = o->block;
+    const uint32_t k_cap = out_cap(o->k_outliers, B, d), v_cap = out_cap(o->v_outliers, B, d);
+    for (uint32_t l = 0; l < L; l++) {
+        kvcp_qs_lfmt *lf = &q->lf[l];
+        lf->k = q->fmts + (per_head ? (size_t)l * H : 0);
+        lf->v = q->fmts + per + (per_head ? (size_t)l * H : 0);
+        lf->k_out_cap = k_cap;
+        lf->v_out_cap = v_cap;
+        lf->head = q->heads + (size_t)l * H;
+        size_t at = 0;
+        for (uint32_t h = 0; h < H; h++)
+            at = head_layout(&lf->k[h], &lf->v[h], o->k_mode, B, k_cap, v_cap, at, &lf->head[h]);
+        lf->q_bytes = at;
+    }
+    if (o->k_hadamard || o->v_hadamard) {
+        if (o->k_hadamard) {
+            if (!(q->k_signs = kvcp_alloc(host, d * sizeof(float), KVC_USAGE_INSTANCE)))
+                goto nomem;
+            kvck_hadamard_signs(q->k_signs, d, o->seed ^ UINT64_C(0x4b4b4b4b));
+        }
+        if (o->v_hadamard) {
+            if (!(q->v_signs = kvcp_alloc(host, d * sizeof(float), KVC_USAGE_INSTANCE)))
+                goto nomem;
+            kvck_hadamard_signs(q->v_signs, d, o->seed ^ UINT64_C(0x56565656));
+        }
+    }
+    if (o->k_pre && g->rope_style != KVC_ROPE_NONE) {
+        q->rope_table_bytes = kvck_rope_table_floats(&g->rope, g->max_positions) * sizeof(float);
+        if (!(q->rope_table = kvcp_alloc(host, q->rope_table_bytes, KVC_USAGE_INSTANCE)))
+            goto nomem;
+        kvck_rope_table_fill(&g->rope, g->max_positions, q->rope_table);
+    }
+    q->raw_row = (size_t)H * d;
+    q->raw_bytes = 2 * (size_t)H * B * d * sizeof(uint16_t);
+    q->param_bytes = (uint64_t)q->n_fmts * sizeof(kvck_qfmt) + (uint64_t)L * sizeof(kvcp_qs_lfmt) +
+                     (uint64_t)L * H * sizeof(kvcp_qs_head) +
+                     (q->k_signs ? d * sizeof(float) : 0) + (q->v_signs ? d * sizeof(float) : 0) +
+                     q->rope_table_bytes;
+    return KVC_OK;
+
+nomem:
+    kvcp_qs_free(q);
+    return kvcp_fail(msg, cap, KVC_E_NOMEM, "out of memory for the quantized store's parameters");
+}
+
+double kvcp_qs_token_ratio(const kvcp_qs *q)
+{
+    const kvcp_geom *g = q->g;
+    double worst = 0;
+    for (uint32_t l = 0; l < g->n_layers; l++) {
+        double b = (double)q->lf[l].q_bytes / q->o.block;
+        worst = b > worst ? b : worst;
+    }
+    /* A position per token when positions have gaps; the block table
+     * doubles, so two entries per block. */
+    double meta = sizeof(int32_t) + 2.0 * sizeof(kvcp_qs_block) / q->o.block;
+    return (worst + meta) / (double)kvcp_fp16_bytes_per_token_layer(g);
+}
+
+uint64_t kvcp_qs_seq_overhead(const kvcp_qs *q)
+{
+    const kvcp_geom *g = q->g;
+    const uint32_t B = q->o.block;
+    /* Raw main tokens at rest: the window plus a block being filled (per
+     * channel), in whole raw blocks, one more for the block boundary. */
+    uint64_t raw_tokens = (uint64_t)q->o.window + (q->o.k_mode == KVCK_QS_CHANNEL ? B - 1 : 0);
+    uint64_t raw_blocks = (raw_tokens + B - 1) / B + 1;
+    uint64_t q_max = 0;
+    for (uint32_t l = 0; l < g->n_layers; l++)
+        q_max = q->lf[l].q_bytes > q_max ? q->lf[l].q_bytes : q_max;
+    uint64_t sink = (uint64_t)q->o.sink * (2 * q->raw_row * sizeof(uint16_t) + sizeof(int32_t));
+    uint64_t per_layer = raw_blocks * q->raw_bytes +
+                         raw_blocks * (uint64_t)B * sizeof(int32_t) /* their positions */ +
+                         q_max /* a partly used Q block */ + (uint64_t)B * sizeof(int32_t) +
+                         sink + (KVCP_TABLE_INIT + 2) * sizeof(kvcp_qs_block);
+    return per_layer * g->n_layers;
+}
+
+uint32_t kvcp_qs_q_count(const kvcp_qs *q, uint32_t n)
+{
+    uint32_t sink = n < q->o.sink ? n : q->o.sink;
+    uint32_t main = n - sink;
+    if (main <= q->o.window)
+        return 0;
+    uint32_t old = main - q->o.window;
+    return q->o.k_mode == KVCK_QS_CHANNEL ? old / q->o.block * q->o.block : old;
+}
+
+/* crc32 over a value's bytes, little-endian independent of the host. */
+static uLong crc_u32(uLong crc, uint32_t v)
+{
+    unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 24)};
+    return crc32(crc, b, 4);
+}
+
+uint32_t kvcp_qs_fingerprint(const kvcp_qs *q)
+{
+    uLong c = crc32(0L, Z_NULL, 0);
+    const kvcp_qs_opts *o = &q->o;
+    const uint32_t words[] = {o->block, o->sink, o->window, (uint32_t)o->k_mode, (uint32_t)o->k_pre,
+                              (uint32_t)o->k_hadamard, (uint32_t)o->v_hadamard,
+                              (uint32_t)llround(o->k_outliers * 1e6),
+                              (uint32_t)llround(o->v_outliers * 1e6), (uint32_t)o->seed,
+                              q->n_fmts};
+    for (size_t i = 0; i < sizeof words / sizeof words[0]; i++)
+        c = crc_u32(c, words[i]);
+    for (uint32_t i = 0; i < q->n_fmts; i++) {
+        const kvck_qfmt *f = &q->fmts[i];
+        c = crc_u32(c, f->n_seg);
+        c = crc_u32(c, f->group);
+        for (uint32_t s = 0; s < f->n_seg; s++) {
+            c = crc_u32(c, f->seg[s].first);
+            c = crc_u32(c, f->seg[s].len);
+            c = crc_u32(c, f->seg[s].bits);
+            if (f->seg[s].levels)
+                for (uint32_t k = 0; k < (1u << f->seg[s].bits); k++) {
+                    uint32_t bits;
+                    memcpy(&bits, &f->seg[s].levels[k], 4);
+                    c = crc_u32(c, bits);
+                }
+        }
+    }
+    return (uint32_t)c;
+}

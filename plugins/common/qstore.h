@@ -1,0 +1,233 @@
+/*
+ * qstore.h -- the quantized token store every caching plugin can hold its
+ * keys and values in (full today; the calibrated quantizer and the
+ * low-rank latents next). Internal (prefix kvcp_qs_), linked hidden.
+ *
+ * One layer of one sequence holds its tokens in three forms, in token
+ * order:
+ *   SINKS   the first `sink` tokens, fp16, for good (attention sinks);
+ *   MAIN    every later token, in blocks of `block` tokens. A main token is
+ *           QUANTIZED once its quantization group is complete and it is
+ *           older than the newest `window` tokens: per-token groups (values;
+ *           keys in token mode) are complete at once, a per-channel key
+ *           group is a whole block. Until then it is RAW (fp16).
+ * Quantized tokens live in Q blocks (codes, fp16 scales and zero points,
+ * exact outliers); raw ones in RAW blocks (fp16 K and V). Both are indexed
+ * by the same block number, so a block can hold both forms for a while.
+ *
+ * Quantization always reads the raw fp16 rows (never the caller's floats),
+ * so the result does not depend on how appends were batched. A token is
+ * quantized in the append that makes it quantizable; its raw copy stays
+ * PENDING until an attend covers the last appended position, because the
+ * batch's earlier queries must still see it raw (the step rule,
+ * KVC-REQ-1): a query at index t sees tokens quantized at time t in their
+ * quantized form and the others raw. That is done with two passes of the
+ * streaming kernel whose per-query bounds (kvck_attn_bounds) split the
+ * tokens at the query's cut. After the covering attend the pending raw
+ * copies are freed; later queries at older positions see the cache as it
+ * is then, restricted to their positions (as FastGen's).
+ *
+ * Keys are stored after RoPE (and after an optional Hadamard rotation,
+ * queries rotated alike) or, with `k_pre`, before RoPE: then a key block is
+ * dequantized, rotated from a cos/sin table and scored as f32. Values may
+ * be Hadamard-rotated too; the attention output is rotated back once per
+ * query.
+ *
+ * Every byte goes through the host allocator and is counted in a
+ * kvcp_qs_bytes.
+ */
+#ifndef KVCP_QSTORE_H
+#define KVCP_QSTORE_H
+
+#include "kvck_quant.h"
+#include "kvcp.h"
+#include "pages.h" /* KVCP_TABLE_INIT */
+
+/* What a store is asked to be (validated by kvcp_qs_init). */
+typedef struct kvcp_qs_opts {
+    uint32_t block;     /* tokens per block (raw and quantized) */
+    uint32_t sink;      /* first tokens kept in fp16 */
+    uint32_t window;    /* newest tokens kept in fp16 */
+    int k_mode;         /* KVCK_QS_CHANNEL (per channel over a block) or KVCK_QS_TOKEN */
+    int k_pre;          /* 1: keys quantized before RoPE */
+    int k_hadamard;     /* rotate keys (post-RoPE only) and queries */
+    int v_hadamard;     /* rotate values, rotate outputs back */
+    double k_outliers;  /* fraction of key values kept exactly */
+    double v_outliers;
+    uint64_t seed;      /* Hadamard signs */
+    /* Formats: either one for every layer and head (fmt_all) or one per
+     * layer and KV head of the shard ([n_layers * n_kv], layer-major).
+     * Copied. */
+    const kvck_qfmt *k_fmt_all, *v_fmt_all;
+    const kvck_qfmt *k_fmt, *v_fmt;
+} kvcp_qs_opts;
+
+/* Where one head's data sits inside a layer's Q block. */
+typedef struct kvcp_qs_head {
+    size_t k_codes, k_sz, k_out, v_codes, v_sz, v_out; /* byte offsets */
+} kvcp_qs_head;
+
+/* Per layer: formats and the Q block layout. */
+typedef struct kvcp_qs_lfmt {
+    const kvck_qfmt *k, *v;   /* [n_kv] */
+    uint32_t k_out_cap, v_out_cap; /* outliers a block can hold, per head */
+    size_t q_bytes;           /* one Q block */
+    kvcp_qs_head *head;       /* [n_kv] */
+} kvcp_qs_lfmt;
+
+/* An instance's store configuration (read-only once made). */
+typedef struct kvcp_qs {
+    const kvc_host *host;
+    const kvcp_geom *g;
+    kvcp_qs_opts o;
+    kvck_qfmt *fmts;          /* [n_fmts] owned copies */
+    uint32_t n_fmts;
+    kvcp_qs_lfmt *lf;         /* [n_layers] */
+    kvcp_qs_head *heads;      /* [n_layers * n_kv] */
+    float *k_signs, *v_signs; /* [head_dim] or NULL */
+    float *rope_table;        /* k_pre: kvck_rope_table [max_positions] */
+    size_t rope_table_bytes;
+    size_t raw_bytes;         /* one raw block: K and V fp16 [n_kv][block][d] each */
+    size_t raw_row;           /* fp16 values of one token's K (or V): n_kv * d */
+    uint64_t param_bytes;     /* everything above, at the allocator */
+} kvcp_qs;
+
+/* One main block. */
+typedef struct kvcp_qs_block {
+    int32_t pos0;    /* position of its first token */
+    int32_t *pos;    /* [block] positions, or NULL while contiguous */
+    uint16_t *raw;   /* K then V, fp16 [2][n_kv][block][d], or NULL */
+    uint8_t *q;      /* the layer's Q block layout, or NULL */
+} kvcp_qs_block;
+
+/* One layer of one sequence. */
+typedef struct kvcp_qs_layer {
+    uint32_t n;           /* tokens appended (sinks included) */
+    uint32_t n_sink;      /* sink tokens held: min(n, sink) */
+    uint32_t nq;          /* main tokens quantized */
+    uint32_t raw_from;    /* main tokens [raw_from, n - n_sink) have raw rows */
+    int32_t last_pos;     /* -1 when empty */
+    uint16_t *sink_kv;    /* K then V fp16 [2][sink][n_kv][d], or NULL */
+    int32_t *sink_pos;    /* [sink] */
+    kvcp_qs_block *blocks; /* [cap_blocks] */
+    uint32_t n_blocks, cap_blocks;
+} kvcp_qs_layer;
+
+/* Bytes a sequence's layers hold at the allocator, by kind. */
+typedef struct kvcp_qs_bytes {
+    uint64_t raw;    /* raw blocks */
+    uint64_t q;      /* Q blocks */
+    uint64_t sink;   /* sink areas (K, V, positions) */
+    uint64_t pos;    /* per-token position arrays of blocks */
+    uint64_t table;  /* block tables */
+} kvcp_qs_bytes;
+
+/* ---- options (qs_options.c) ---------------------------------------------------- */
+
+/* The options a plugin offering quantized storage lists, in this order
+ * (KVCP_QS_OPT_* index them in the parsed values). */
+enum {
+    KVCP_QS_OPT_K_BITS, KVCP_QS_OPT_V_BITS, KVCP_QS_OPT_K_SCALE, KVCP_QS_OPT_K_ROPE,
+    KVCP_QS_OPT_GROUP, KVCP_QS_OPT_HADAMARD, KVCP_QS_OPT_SINK, KVCP_QS_OPT_WINDOW,
+    KVCP_QS_OPT_OUTLIERS, KVCP_QS_N_OPTS
+};
+extern const kvc_option_desc kvcp_qs_opt_k_bits, kvcp_qs_opt_v_bits, kvcp_qs_opt_k_scale,
+    kvcp_qs_opt_k_rope, kvcp_qs_opt_group, kvcp_qs_opt_hadamard, kvcp_qs_opt_sink,
+    kvcp_qs_opt_window, kvcp_qs_opt_outliers;
+#define KVCP_QS_OPTION_LIST                                                                 \
+    &kvcp_qs_opt_k_bits, &kvcp_qs_opt_v_bits, &kvcp_qs_opt_k_scale, &kvcp_qs_opt_k_rope,    \
+        &kvcp_qs_opt_group, &kvcp_qs_opt_hadamard, &kvcp_qs_opt_sink, &kvcp_qs_opt_window, \
+        &kvcp_qs_opt_outliers
+
+/* From the parsed values v [KVCP_QS_N_OPTS] (KVCP_QS_OPTION_LIST order):
+ * *on = 0 when k_bits and v_bits ask for no quantization (unset or 16);
+ * else fills *o with one uniform format pair kf, vf (which *o points to:
+ * keep them alive until kvcp_qs_init copied them) and *on = 1. INVALID
+ * with the option named. */
+kvc_status kvcp_qs_opts_parse(const kvcp_optval *v, const kvcp_geom *g, uint32_t block,
+                              kvcp_qs_opts *o, kvck_qfmt *kf, kvck_qfmt *vf, int *on, char *msg,
+                              size_t cap);
+
+/* ---- configuration (qs_config.c) -------------------------------------------- */
+
+/* Validates o against g and builds q (allocating its parameters through
+ * host, KVC_USAGE_INSTANCE). INVALID (message names the option) or NOMEM. */
+kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
+                        const kvcp_qs_opts *o, char *msg, size_t cap);
+void kvcp_qs_free(kvcp_qs *q);
+
+/* Resident bytes per token per layer once quantized (codes, scales,
+ * outlier slots, worst-case positions and block-table share), as a
+ * fraction of fp16 full: what kv_ratio promises per token. */
+double kvcp_qs_token_ratio(const kvcp_qs *q);
+/* The per-sequence constant: the fp16 tokens a layer may hold beyond that
+ * (sinks, window, the block being filled) and their raw blocks' slack,
+ * plus the block table's initial size, times n_layers. */
+uint64_t kvcp_qs_seq_overhead(const kvcp_qs *q);
+
+/* A checksum of everything that decides how tokens are stored (options,
+ * formats, levels): blobs carry it, so one made with other settings is
+ * refused. */
+uint32_t kvcp_qs_fingerprint(const kvcp_qs *q);
+
+/* Main tokens quantized once a layer holds n tokens (sinks included). */
+uint32_t kvcp_qs_q_count(const kvcp_qs *q, uint32_t n);
+
+/* ---- one layer (qs_store.c) ------------------------------------------------- */
+
+void kvcp_qs_layer_init(kvcp_qs_layer *L);
+/* Appends n tokens (checked by the caller: positions after L->last_pos,
+ * finite values) of k_pre, v [n][n_kv][d]. All-or-nothing: NOMEM leaves L
+ * and cnt as they were. scratch: kvcp_qs_append_scratch_floats(q, n). */
+kvc_status kvcp_qs_append(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
+                          uint32_t n, const int32_t *pos, const float *k_pre, const float *v,
+                          float *scratch);
+size_t kvcp_qs_append_scratch_floats(const kvcp_qs *q, uint32_t n);
+/* Frees the raw copies of quantized tokens (after an attend covering the
+ * last appended position). */
+void kvcp_qs_drop_pending(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt);
+/* Keeps tokens with position < p. Quantized tokens that would not be
+ * quantized at the new length (a per-channel block cut short, the window)
+ * go back to raw as their dequantized values: not exact, documented. */
+void kvcp_qs_truncate(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
+                      int32_t p);
+void kvcp_qs_release(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer);
+/* dst (empty) = independent copy of src; NOMEM: dst released again. */
+kvc_status kvcp_qs_copy(const kvcp_qs *q, const kvcp_qs_layer *src, kvcp_qs_layer *dst,
+                        kvcp_qs_bytes *cnt, uint32_t layer);
+/* Position of token i (sinks first). */
+int32_t kvcp_qs_pos(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t i);
+/* Tokens with position <= p. */
+uint32_t kvcp_qs_count_upto(const kvcp_qs *q, const kvcp_qs_layer *L, int32_t p);
+/* Bytes of pending raw rows (raw copies of quantized tokens). */
+uint64_t kvcp_qs_pending_bytes(const kvcp_qs *q, const kvcp_qs_layer *L);
+/* Bytes of payload a layer holds for its tokens: codes and outlier values
+ * of quantized tokens, fp16 rows of raw and sink tokens. */
+uint64_t kvcp_qs_payload_bytes(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer);
+
+/* ---- attention and expansion (qs_attend.c) ------------------------------------ */
+
+/* Causal attention of n_q queries q_pre [n_q][n_q_heads][d] at pos [n_q]
+ * over layer L, by the step rule, into out. Drops pending raw rows when
+ * the last query covers the last appended position. NOMEM (scratch) with
+ * nothing changed. */
+kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
+                          uint32_t n_q, const int32_t *pos, const float *q_pre, float *out);
+
+/* Every token of the layer as post-RoPE keys and values, token-major
+ * k, v [n][n_kv][d] (either may be NULL) with positions [n]: quantized
+ * tokens dequantized, raw ones widened. NOMEM (scratch) writes nothing. */
+kvc_status kvcp_qs_expand(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, int32_t *pos,
+                    float *k, float *v);
+
+/* ---- blobs (qs_io.c) ------------------------------------------------------------ */
+
+/* The layer's tokens as stored (positions, sinks, Q blocks' used parts,
+ * raw rows), for sequence export. */
+void kvcp_qs_write(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, kvcp_writer *w);
+/* Reads what kvcp_qs_write wrote into an empty layer. CORRUPT (damage,
+ * inconsistent counts) or NOMEM; on error dst is released again. */
+kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
+                        kvcp_reader *r, char *msg, size_t cap);
+
+#endif /* KVCP_QSTORE_H */
