@@ -15,6 +15,8 @@
  * time: the angles are per token) and folded into the pass of every KV head.
  */
 #include "kvck.h"
+#include "attn_internal.h"
+#include "kvck_quant.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -27,14 +29,13 @@ static size_t up16(size_t n)
     return (n + 15u) & ~(size_t)15u;
 }
 
-/* Rows up to which a block goes through the few-row kernels (or GEMV)
- * instead of SGEMM: the measured crossover on a Zen 3 core is ~20 rows at
- * head_dim 64 (SGEMM's packing pays off only over many rows). */
-#define KVCK_FEW_ROWS 16
-
-static int visible(int32_t kp, int32_t qp, uint32_t window)
+/* Key at kp visible to query t: causal bound (q_hi or the position), the
+ * optional lower bound, and the window from the query's position. */
+static int visible(const kvck_attn *a, size_t t, int32_t kp)
 {
-    return kp <= qp && (window == 0 || (int64_t)qp - (int64_t)kp < (int64_t)window);
+    const int32_t qp = a->q_pos[t], hi = a->q_hi ? a->q_hi[t] : qp;
+    return kp <= hi && (!a->q_lo || kp > a->q_lo[t])
+           && (a->window == 0 || (int64_t)qp - (int64_t)kp < (int64_t)a->window);
 }
 
 /* ---- x86 AVX2/FMA kernels for the hot loops ------------------------------
@@ -341,6 +342,8 @@ static void attn_view(kvck_attn *a, size_t rows, size_t group, size_t dk, size_t
     a->block = block ? block : 1;
     a->window = window;
     a->q_pos = q_pos;
+    a->q_hi = NULL;
+    a->q_lo = NULL;
     a->m = m;
     a->l = l;
     a->acc = acc;
@@ -375,6 +378,12 @@ void kvck_attn_init(kvck_attn *a, size_t rows, size_t group, size_t dk, size_t d
     float *s = acc + up16(rows * dv); /* [rows][block] */
     attn_view(a, rows, group, dk, dv, b, window, q_pos, m, l, acc, s);
     attn_reset(m, l, acc, rows, dv);
+}
+
+void kvck_attn_bounds(kvck_attn *a, const int32_t *q_hi, const int32_t *q_lo)
+{
+    a->q_hi = q_hi;
+    a->q_lo = q_lo;
 }
 
 /* ---- explicit-softmax pieces (kvck.h) ------------------------------------ */
@@ -420,11 +429,9 @@ float kvck_row_exp(float *s, size_t n, float m)
     return n ? row_exp(s, n, m) : 0.0f;
 }
 
-/* One block of n <= a->block keys (the public entry splits longer runs). */
-static void attn_block1(kvck_attn *a, const float *q, size_t ldq, const float *k, size_t ldk,
-                        const float *v, size_t ldv, const int32_t *k_pos, size_t n)
+int kvcki_attn_span(const kvck_attn *a, const int32_t *k_pos, size_t n, kvcki_span *sp)
 {
-    const size_t group = a->group, nq = a->rows / group, bs = a->block, dv = a->dv;
+    const size_t group = a->group, nq = a->rows / group;
     const uint32_t w = a->window;
     int32_t kmin = k_pos[0], kmax = k_pos[0];
     size_t t0 = nq, t1 = 0;
@@ -433,21 +440,82 @@ static void attn_block1(kvck_attn *a, const float *q, size_t ldq, const float *k
         kmin = k_pos[j] < kmin ? k_pos[j] : kmin;
         kmax = k_pos[j] > kmax ? k_pos[j] : kmax;
     }
-    /* Queries that may see a key of the block (kmin <= qp and the newest
-     * key inside the window): a necessary test, exact per key below. Only
-     * the span [t0, t1) of them goes through the GEMMs. */
+    /* Queries that may see a key of the block (kmin within the causal
+     * bound, kmax above the lower one and the newest key inside the
+     * window): a necessary test, exact per key later. Only the span
+     * [t0, t1) of them goes through the GEMMs. */
     for (size_t t = 0; t < nq; t++) {
-        int32_t qp = a->q_pos[t];
-        if (kmin <= qp && (w == 0 || (int64_t)qp - kmax < (int64_t)w)) {
+        const int32_t qp = a->q_pos[t], hi = a->q_hi ? a->q_hi[t] : qp;
+        if (kmin <= hi && (!a->q_lo || kmax > a->q_lo[t])
+            && (w == 0 || (int64_t)qp - kmax < (int64_t)w)) {
             if (t < t0)
                 t0 = t;
             t1 = t + 1;
         }
     }
     if (t0 >= t1)
-        return;
+        return 0;
+    sp->r0 = t0 * group;
+    sp->nr = (t1 - t0) * group;
+    sp->kmin = kmin;
+    sp->kmax = kmax;
+    return 1;
+}
 
-    const size_t r0 = t0 * group, nr = (t1 - t0) * group;
+void kvcki_attn_softmax(kvck_attn *a, const int32_t *k_pos, size_t n, const kvcki_span *sp,
+                        unsigned char *seen)
+{
+    const size_t group = a->group, bs = a->block, dv = a->dv, r0 = sp->r0;
+    const uint32_t w = a->window;
+    for (size_t r = r0; r < r0 + sp->nr; r++) {
+        float *sr = a->s + r * bs; /* [n] scores, then probabilities */
+        const size_t t = r / group;
+        const int32_t qp = a->q_pos[t], hi = a->q_hi ? a->q_hi[t] : qp;
+        const int all = sp->kmax <= hi && (!a->q_lo || sp->kmin > a->q_lo[t])
+                        && (w == 0 || (int64_t)qp - sp->kmin < (int64_t)w);
+
+        if (!all) {
+            for (size_t j = 0; j < n; j++)
+                if (!visible(a, t, k_pos[j]))
+                    sr[j] = -INFINITY;
+        }
+        const float mb = row_max(sr, n);
+        if (mb == -INFINITY) {
+            /* Sees none of this block's keys: a zero row of P leaves its
+             * accumulator as is (and the few-row path skips the row). */
+            memset(sr, 0, n * sizeof *sr);
+            if (seen)
+                seen[r - r0] = 0;
+            continue;
+        }
+        if (seen)
+            seen[r - r0] = 1;
+        const float mold = a->m[r];
+        const float mnew = mold > mb ? mold : mb;
+        const float sum = row_exp(sr, n, mnew);
+        if (mnew != mold) {
+            /* The max grew: earlier terms shrink by exp(mold - mnew)
+             * (0 on the row's first visible block, where acc is 0). */
+            const float alpha = expf(mold - mnew);
+            float *ar = a->acc + r * dv;
+            a->l[r] *= alpha;
+            for (size_t c = 0; c < dv; c++)
+                ar[c] *= alpha;
+            a->m[r] = mnew;
+        }
+        a->l[r] += sum;
+    }
+}
+
+/* One block of n <= a->block keys (the public entry splits longer runs). */
+static void attn_block1(kvck_attn *a, const float *q, size_t ldq, const float *k, size_t ldk,
+                        const float *v, size_t ldv, const int32_t *k_pos, size_t n)
+{
+    const size_t bs = a->block, dv = a->dv;
+    kvcki_span sp;
+    if (!kvcki_attn_span(a, k_pos, n, &sp))
+        return;
+    const size_t r0 = sp.r0, nr = sp.nr;
     float *s0 = a->s + r0 * bs; /* [nr][bs], first n columns used */
 
     /* S = Q K^T: [nr][dk] x [dk][n]. A few rows (decode) skip SGEMM: it
@@ -471,42 +539,7 @@ static void attn_block1(kvck_attn *a, const float *q, size_t ldq, const float *k
     }
 
     unsigned char seen[KVCK_FEW_ROWS]; /* [nr] when few: row sees a key of the block */
-    for (size_t r = r0; r < r0 + nr; r++) {
-        float *sr = a->s + r * bs; /* [n] scores, then probabilities */
-        const int32_t qp = a->q_pos[r / group];
-        const int all = kmax <= qp && (w == 0 || (int64_t)qp - kmin < (int64_t)w);
-
-        if (!all) {
-            for (size_t j = 0; j < n; j++)
-                if (!visible(k_pos[j], qp, w))
-                    sr[j] = -INFINITY;
-        }
-        const float mb = row_max(sr, n);
-        if (mb == -INFINITY) {
-            /* Sees none of this block's keys: a zero row of P leaves its
-             * accumulator as is (and the few-row path skips the row). */
-            memset(sr, 0, n * sizeof *sr);
-            if (few)
-                seen[r - r0] = 0;
-            continue;
-        }
-        if (few)
-            seen[r - r0] = 1;
-        const float mold = a->m[r];
-        const float mnew = mold > mb ? mold : mb;
-        const float sum = row_exp(sr, n, mnew);
-        if (mnew != mold) {
-            /* The max grew: earlier terms shrink by exp(mold - mnew)
-             * (0 on the row's first visible block, where acc is 0). */
-            const float alpha = expf(mold - mnew);
-            float *ar = a->acc + r * dv;
-            a->l[r] *= alpha;
-            for (size_t c = 0; c < dv; c++)
-                ar[c] *= alpha;
-            a->m[r] = mnew;
-        }
-        a->l[r] += sum;
-    }
+    kvcki_attn_softmax(a, k_pos, n, &sp, few ? seen : NULL);
 
     /* acc += P V: [nr][n] x [n][dv]. */
 #ifdef KVCK_ATTN_AVX2

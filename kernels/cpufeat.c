@@ -22,6 +22,17 @@ int kvck_x86_has(unsigned leaf1_ecx, unsigned leaf7_ebx)
         return 0;
     return 1;
 }
+
+int kvck_x86_has_avx512(void)
+{
+    const unsigned need = bit_AVX512F | bit_AVX512DQ | bit_AVX512BW | bit_AVX512VL;
+    if (!kvck_x86_has(0, need))
+        return 0;
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    return (lo & 0xe6u) == 0xe6u;
+}
 #else
 typedef int kvck_cpufeat_unused; /* ISO C wants a declaration in every file */
 #endif

@@ -59,11 +59,18 @@ void kvck_rope_apply(const kvck_rope *r, size_t n_tok, size_t n_heads,
  * n_q queries times `group` query heads sharing one KV head, row
  * r = query (r / group), head (r % group). A key at position kp is visible
  * to a row whose query is at position qp iff kp <= qp and, when window > 0,
- * qp - kp < window. Scores in fp32 with a running max per row. */
+ * qp - kp < window (and within q_hi/q_lo when set). Scores in fp32 with a
+ * running max per row. */
 typedef struct kvck_attn {
     size_t rows, group, dk, dv, block;
     uint32_t window;
     const int32_t *q_pos; /* [rows / group] positions of the queries */
+    /* Optional per-query bounds (kvck_quant.h, kvck_attn_bounds): a key at
+     * kp is visible to query t only if kp <= q_hi[t] (instead of q_pos[t])
+     * and q_lo[t] < kp. NULL (as kvck_attn_init sets them) = no such bound.
+     * The window is still measured from q_pos[t]. */
+    const int32_t *q_hi; /* [rows / group] or NULL */
+    const int32_t *q_lo; /* [rows / group] or NULL */
     float *m;   /* [rows] running max of scores */
     float *l;   /* [rows] running sum of exp(score - m) */
     float *acc; /* [rows][dv] running sum of p * v */

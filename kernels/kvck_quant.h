@@ -229,6 +229,12 @@ enum { KVCK_ISA_GENERIC = 0, KVCK_ISA_AVX2 = 1, KVCK_ISA_AVX512 = 2 };
 int kvck_isa(void);
 const char *kvck_isa_name(int isa);
 
+/* Added: caps the path at run time, for tests and benchmarks that compare
+ * paths within one process (KVCK_ISA is read once). isa < 0 restores the
+ * start-up choice. Returns the path now taken (never one the CPU lacks).
+ * Kernels running meanwhile take either path, both correct. */
+int kvck_isa_set(int isa);
+
 #ifdef __cplusplus
 }
 #endif

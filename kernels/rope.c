@@ -8,6 +8,7 @@
  * batch it comes in (prefill vs. decode, re-rotation of cached keys).
  */
 #include "kvck.h"
+#include "kvck_quant.h"
 
 #include <math.h>
 #include <string.h>
@@ -78,11 +79,13 @@ rope_angles(const kvck_rope *r, int32_t pos, size_t half, float *c /* [half] */,
     }
 }
 
-/* Rotates n_tok tokens; compiled twice below (baseline and AVX2, unless
+/* Rotates n_tok tokens, angles from libm or, when table != NULL, from a
+ * table of the same floats (kvck_rope_table_fill), so both give the same
+ * bits; compiled twice below (baseline and AVX2, unless
  * -DKVCK_GENERIC_ONLY), the results are the same bits. */
 static inline __attribute__((always_inline)) void
-rope_body(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos, const float *x,
-          float *y)
+rope_body(const kvck_rope *r, const float *table /* [n_pos][dims/2][2] or NULL */, size_t n_tok,
+          size_t n_heads, const int32_t *pos, const float *x, float *y)
 {
     const size_t hd = (size_t)r->head_dim;
     const size_t dims = (size_t)r->dims;
@@ -91,7 +94,15 @@ rope_body(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos, 
 
     for (size_t t = 0; t < n_tok; t++) {
         /* Angles once per token, shared by all its heads. */
-        rope_angles(r, pos[t], half, c, s);
+        if (table) {
+            const float *cs = table + (size_t)pos[t] * dims; /* [half][2] */
+            for (size_t i = 0; i < half; i++) {
+                c[i] = cs[2 * i];
+                s[i] = cs[2 * i + 1];
+            }
+        } else {
+            rope_angles(r, pos[t], half, c, s);
+        }
         for (size_t h = 0; h < n_heads; h++) {
             const float *xr = x + (t * n_heads + h) * hd; /* [hd] */
             float *yr = y + (t * n_heads + h) * hd;       /* [hd] */
@@ -119,21 +130,21 @@ rope_body(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos, 
     }
 }
 
-static void rope_generic(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos,
-                         const float *x, float *y)
+static void rope_generic(const kvck_rope *r, const float *table, size_t n_tok, size_t n_heads,
+                         const int32_t *pos, const float *x, float *y)
 {
-    rope_body(r, n_tok, n_heads, pos, x, y);
+    rope_body(r, table, n_tok, n_heads, pos, x, y);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(KVCK_GENERIC_ONLY)
 #include <cpuid.h>
 #define KVCK_ROPE_AVX2 1
 
-__attribute__((target("avx2"))) static void rope_avx2(const kvck_rope *r, size_t n_tok,
-                                                      size_t n_heads, const int32_t *pos,
-                                                      const float *x, float *y)
+__attribute__((target("avx2"))) static void rope_avx2(const kvck_rope *r, const float *table,
+                                                      size_t n_tok, size_t n_heads,
+                                                      const int32_t *pos, const float *x, float *y)
 {
-    rope_body(r, n_tok, n_heads, pos, x, y);
+    rope_body(r, table, n_tok, n_heads, pos, x, y);
 }
 
 /* AVX2 usable: CPU flag plus OS-saved YMM state. Cached; racing first
@@ -160,8 +171,9 @@ static int have_avx2(void)
 }
 #endif
 
-void kvck_rope_apply(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos,
-                     const float *x, float *y)
+/* Both entry points: angles from libm (table NULL) or from the table. */
+static void rope_run(const kvck_rope *r, const float *table, size_t n_tok, size_t n_heads,
+                     const int32_t *pos, const float *x, float *y)
 {
     if (r->style == 0 || r->dims == 0) {
         if (y != x)
@@ -170,9 +182,45 @@ void kvck_rope_apply(const kvck_rope *r, size_t n_tok, size_t n_heads, const int
     }
 #ifdef KVCK_ROPE_AVX2
     if (have_avx2()) {
-        rope_avx2(r, n_tok, n_heads, pos, x, y);
+        rope_avx2(r, table, n_tok, n_heads, pos, x, y);
         return;
     }
 #endif
-    rope_generic(r, n_tok, n_heads, pos, x, y);
+    rope_generic(r, table, n_tok, n_heads, pos, x, y);
+}
+
+void kvck_rope_apply(const kvck_rope *r, size_t n_tok, size_t n_heads, const int32_t *pos,
+                     const float *x, float *y)
+{
+    rope_run(r, NULL, n_tok, n_heads, pos, x, y);
+}
+
+/* ---- table of angles (kvck_quant.h) ----------------------------------------
+ *
+ * Keys kept before RoPE (quantized per channel, where RoPE would mix
+ * channel pairs) are rotated at every attend; a table of the same floats
+ * rope_angles() gives saves a sincos per pair and position. */
+
+size_t kvck_rope_table_floats(const kvck_rope *r, size_t n_pos)
+{
+    return r->style == 0 ? 0 : n_pos * (size_t)r->dims;
+}
+
+void kvck_rope_table_fill(const kvck_rope *r, size_t n_pos, float *table)
+{
+    const size_t half = r->style == 0 ? 0 : (size_t)r->dims / 2;
+    float c[KVCK_MAX_HEAD_DIM / 2], s[KVCK_MAX_HEAD_DIM / 2]; /* [half] */
+    for (size_t p = 0; p < n_pos && half; p++) {
+        rope_angles(r, (int32_t)p, half, c, s);
+        for (size_t i = 0; i < half; i++) {
+            table[(p * half + i) * 2] = c[i];
+            table[(p * half + i) * 2 + 1] = s[i];
+        }
+    }
+}
+
+void kvck_rope_apply_table(const kvck_rope *r, const float *table, size_t n_tok, size_t n_heads,
+                           const int32_t *pos, const float *x, float *y)
+{
+    rope_run(r, table, n_tok, n_heads, pos, x, y);
 }

@@ -1,0 +1,163 @@
+/*
+ * attn_src.c -- the streaming pass over f32, f16 or quantized blocks
+ * (kvck_attn_block_src, kvck_quant.h).
+ *
+ * Per block: scores of the rows that may see it, straight from the
+ * source's storage (fp16 loads, or the codes through kvck_q_scores), then
+ * the same masking and online softmax as kvck_attn_block
+ * (kvcki_attn_softmax), then P.V from the storage again. Nothing widens a
+ * whole block into memory. An all-f32 block is kvck_attn_block itself.
+ */
+#include "kvck_quant.h"
+#include "attn_internal.h"
+#include "quant_internal.h"
+
+#include <string.h>
+
+/* ---- fp16 rows ------------------------------------------------------------------ */
+
+/* Floats of the stack buffer the portable fp16 path widens a few rows
+ * into (no scratch is asked of callers for fp16). */
+#define F16_BUF 4096
+
+/* Keys per widened chunk: as many rows as F16_BUF holds. */
+static size_t f16_chunk(size_t d)
+{
+    size_t c = F16_BUF / (d ? d : 1);
+    return c ? c : 1;
+}
+
+void kvcki_f16_scores(size_t rows, size_t d, const float *q, size_t ldq, const uint16_t *k,
+                      size_t ldk, size_t n, float *s, size_t lds)
+{
+    float buf[F16_BUF]; /* [chunk][d] widened keys */
+    const size_t ch = f16_chunk(d);
+    for (size_t j = 0; j < n; j += ch) {
+        const size_t nb = n - j < ch ? n - j : ch;
+        for (size_t i = 0; i < nb; i++)
+            kvck_f16_to_f32_n(k + (j + i) * ldk, buf + i * d, d);
+        kvck_scores(rows, d, q, ldq, buf, d, nb, s + j, lds);
+    }
+}
+
+void kvcki_f16_pv(size_t rows, size_t d, const float *p, size_t ldp, const uint16_t *v,
+                  size_t ldv, size_t n, float *acc)
+{
+    float buf[F16_BUF]; /* [chunk][d] widened values */
+    const size_t ch = f16_chunk(d);
+    for (size_t j = 0; j < n; j += ch) {
+        const size_t nb = n - j < ch ? n - j : ch;
+        for (size_t i = 0; i < nb; i++)
+            kvck_f16_to_f32_n(v + (j + i) * ldv, buf + i * d, d);
+        kvck_pv(rows, d, p + j, ldp, buf, d, nb, acc);
+    }
+}
+
+/* ---- one block ------------------------------------------------------------------- */
+
+/* Scales of rows j0.. of a Q source. */
+static const uint16_t *q_sz(const kvck_src *x, size_t j0)
+{
+    return x->mode == KVCK_QS_CHANNEL ? x->sz : x->sz + j0 * x->fmt->n_groups * 2;
+}
+
+/* s [nr][lds] (n columns) = q . x[j0 + j]. */
+static void src_scores(const kvck_src *x, size_t j0, size_t nr, size_t d, const float *q,
+                       size_t ldq, size_t n, float *s, size_t lds, float *scratch)
+{
+    switch (x->kind) {
+    case KVCK_SRC_F32:
+        kvck_scores(nr, d, q, ldq, (const float *)x->data + j0 * x->ld, x->ld, n, s, lds);
+        return;
+    case KVCK_SRC_F16:
+        kvcki_f16_scores(nr, d, q, ldq, (const uint16_t *)x->data + j0 * x->ld, x->ld, n, s,
+                         lds);
+        return;
+    default:
+        break;
+    }
+    const kvck_qfmt *f = x->fmt;
+    const uint8_t *codes = (const uint8_t *)x->data;
+    kvck_q_scores(f, x->mode, nr, q, ldq, n, codes + j0 * f->row_bytes, q_sz(x, j0), s, lds,
+                  scratch);
+    /* Exact values: add q_c (value - x^) to the score of their key. */
+    for (size_t o = 0; o < x->n_out; o++) {
+        const kvck_qout *e = &x->out[o];
+        if (e->j < j0 || e->j >= j0 + n || e->c >= f->d)
+            continue;
+        const float delta = kvck_f16_to_f32(e->value)
+                            - kvck_q_value(f, x->mode, codes, x->sz, e->j, e->c);
+        for (size_t r = 0; r < nr; r++)
+            s[r * lds + (e->j - j0)] += q[r * ldq + e->c] * delta;
+    }
+}
+
+/* acc [nr][d] += p [nr][ldp] (n wide) . x[j0 + j]. */
+static void src_pv(const kvck_src *x, size_t j0, size_t nr, size_t d, const float *p, size_t ldp,
+                   size_t n, float *acc, float *scratch)
+{
+    switch (x->kind) {
+    case KVCK_SRC_F32:
+        kvck_pv(nr, d, p, ldp, (const float *)x->data + j0 * x->ld, x->ld, n, acc);
+        return;
+    case KVCK_SRC_F16:
+        kvcki_f16_pv(nr, d, p, ldp, (const uint16_t *)x->data + j0 * x->ld, x->ld, n, acc);
+        return;
+    default:
+        break;
+    }
+    const kvck_qfmt *f = x->fmt;
+    const uint8_t *codes = (const uint8_t *)x->data;
+    kvck_q_pv(f, x->mode, nr, p, ldp, n, codes + j0 * f->row_bytes, q_sz(x, j0), acc, scratch);
+    for (size_t o = 0; o < x->n_out; o++) {
+        const kvck_qout *e = &x->out[o];
+        if (e->j < j0 || e->j >= j0 + n || e->c >= f->d)
+            continue;
+        const float delta = kvck_f16_to_f32(e->value)
+                            - kvck_q_value(f, x->mode, codes, x->sz, e->j, e->c);
+        for (size_t r = 0; r < nr; r++)
+            acc[r * d + e->c] += p[r * ldp + (e->j - j0)] * delta;
+    }
+}
+
+/* Keys and values j0 .. j0 + n - 1 (n <= a->block). */
+static void src_block1(kvck_attn *a, const float *q, size_t ldq, const kvck_src *k,
+                       const kvck_src *v, const int32_t *k_pos, size_t j0, size_t n,
+                       float *scratch)
+{
+    kvcki_span sp;
+    if (!kvcki_attn_span(a, k_pos, n, &sp))
+        return;
+    const size_t bs = a->block;
+    float *s0 = a->s + sp.r0 * bs; /* [nr][bs], first n columns used */
+    src_scores(k, j0, sp.nr, a->dk, q + sp.r0 * ldq, ldq, n, s0, bs, scratch);
+    kvcki_attn_softmax(a, k_pos, n, &sp, NULL);
+    src_pv(v, j0, sp.nr, a->dv, s0, bs, n, a->acc + sp.r0 * a->dv, scratch);
+}
+
+void kvck_attn_block_src(kvck_attn *a, const float *q, size_t ldq, const kvck_src *k,
+                         const kvck_src *v, const int32_t *k_pos, size_t n, float *scratch)
+{
+    if (a->rows == 0 || n == 0)
+        return;
+    if (k->kind == KVCK_SRC_F32 && v->kind == KVCK_SRC_F32) {
+        kvck_attn_block(a, q, ldq, (const float *)k->data, k->ld, (const float *)v->data, v->ld,
+                        k_pos, n);
+        return;
+    }
+    /* n > block breaks the contract; folding it in block-sized pieces is
+     * the harmless reading, as kvck_attn_block does. */
+    for (size_t j = 0; j < n; j += a->block) {
+        const size_t nb = n - j < a->block ? n - j : a->block;
+        src_block1(a, q, ldq, k, v, k_pos + j, j, nb, scratch);
+    }
+}
+
+size_t kvck_attn_src_scratch_floats(const kvck_qfmt *fk, const kvck_qfmt *fv, size_t rows,
+                                    size_t block)
+{
+    /* Scores and P.V run one after the other and share the scratch. */
+    const size_t a = fk ? kvck_q_scratch_floats(fk, rows, block) : 0;
+    const size_t b = fv ? kvck_q_scratch_floats(fv, rows, block) : 0;
+    return a > b ? a : b;
+}
