@@ -135,20 +135,21 @@ static AVX2_FN float exp_sub_avx2(float *s, size_t n, float m)
         _mm256_storeu_ps(s + j, p);
         acc = _mm256_add_ps(acc, p);
     }
-    float sum = hsum8(acc);
     if (j < n) {
-        /* Tail through the same polynomial, padded with -inf (gives 0). */
+        /* Tail through the same polynomial, padded with -inf (gives 0), and
+         * into the same lanes: the sum's order depends on a value's index,
+         * not on how many values follow (masked ones add exact zeros). */
         float buf[8];
         size_t t = n - j;
         for (size_t i = 0; i < 8; i++)
             buf[i] = i < t ? s[j + i] - m : -INFINITY;
-        _mm256_storeu_ps(buf, exp8(_mm256_loadu_ps(buf)));
-        for (size_t i = 0; i < t; i++) {
+        __m256 p = exp8(_mm256_loadu_ps(buf));
+        _mm256_storeu_ps(buf, p);
+        acc = _mm256_add_ps(acc, p);
+        for (size_t i = 0; i < t; i++)
             s[j + i] = buf[i];
-            sum += buf[i];
-        }
     }
-    return sum;
+    return hsum8(acc);
 }
 
 /* Scores of R <= 3 rows against 4 keys: 4R independent FMA chains (one
@@ -196,7 +197,6 @@ static AVX2_FN void scores_few_avx2(size_t nr, size_t dk, const float *q, size_t
                                     const float *k, size_t ldk, size_t n, float *s, size_t lds,
                                     const float *v, size_t ldv, size_t dv)
 {
-    const size_t d8 = dk & ~(size_t)7;
     size_t j = 0;
     for (; j + 4 <= n; j += 4) {
         const float *k0 = k + j * ldk;
@@ -213,24 +213,25 @@ static AVX2_FN void scores_few_avx2(size_t nr, size_t dk, const float *q, size_t
         else if (nr - r == 1)
             scores_tile(1, dk, q + r * ldq, ldq, k0, ldk, s + r * lds + j, lds);
     }
-    for (; j < n; j++) {
-        const float *kj = k + j * ldk;
-        for (size_t r = 0; r < nr; r++) {
-            const float *qr = q + r * ldq;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-            size_t c = 0;
-            for (; c + 16 <= d8; c += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c), _mm256_loadu_ps(kj + c), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c + 8), _mm256_loadu_ps(kj + c + 8),
-                                     a1);
-            }
-            for (; c < d8; c += 8)
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c), _mm256_loadu_ps(kj + c), a0);
-            float t = hsum8(_mm256_add_ps(a0, a1));
-            for (c = d8; c < dk; c++)
-                t += qr[c] * kj[c];
-            s[r * lds + j] = t;
-        }
+    if (j < n) {
+        /* The last 1-3 keys go through the same tile as the others, padded
+         * with zero keys: a key's score never depends on how many keys the
+         * call holds or where it sits among them (batched == single steps
+         * to the byte needs that). */
+        float k4[4 * KVCK_MAX_HEAD_DIM], s4[KVCK_FEW_ROWS * 4];
+        memset(k4, 0, 4 * dk * sizeof(float));
+        for (size_t i = 0; j + i < n; i++)
+            memcpy(k4 + i * dk, k + (j + i) * ldk, dk * sizeof(float));
+        size_t r = 0;
+        for (; r + 3 <= nr; r += 3)
+            scores_tile(3, dk, q + r * ldq, ldq, k4, dk, s4 + r * 4, 4);
+        if (nr - r == 2)
+            scores_tile(2, dk, q + r * ldq, ldq, k4, dk, s4 + r * 4, 4);
+        else if (nr - r == 1)
+            scores_tile(1, dk, q + r * ldq, ldq, k4, dk, s4 + r * 4, 4);
+        for (r = 0; r < nr; r++)
+            for (size_t i = 0; j + i < n; i++)
+                s[r * lds + j + i] = s4[r * 4 + i];
     }
 }
 
@@ -344,6 +345,7 @@ static void attn_view(kvck_attn *a, size_t rows, size_t group, size_t dk, size_t
     a->q_pos = q_pos;
     a->q_hi = NULL;
     a->q_lo = NULL;
+    a->row_invariant = 0;
     a->m = m;
     a->l = l;
     a->acc = acc;

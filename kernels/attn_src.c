@@ -125,14 +125,26 @@ static void src_block1(kvck_attn *a, const float *q, size_t ldq, const kvck_src 
                        const kvck_src *v, const int32_t *k_pos, size_t j0, size_t n,
                        float *scratch)
 {
-    kvcki_span sp;
-    if (!kvcki_attn_span(a, k_pos, n, &sp))
+    kvcki_span all;
+    if (!kvcki_attn_span(a, k_pos, n, &all))
         return;
     const size_t bs = a->block;
-    float *s0 = a->s + sp.r0 * bs; /* [nr][bs], first n columns used */
-    src_scores(k, j0, sp.nr, a->dk, q + sp.r0 * ldq, ldq, n, s0, bs, scratch);
-    kvcki_attn_softmax(a, k_pos, n, &sp, NULL);
-    src_pv(v, j0, sp.nr, a->dv, s0, bs, n, a->acc + sp.r0 * a->dv, scratch);
+    /* Row-invariant passes take the span in tiles of few rows. */
+    const size_t tile = a->row_invariant ? KVCK_FEW_ROWS : all.nr;
+    for (size_t r = 0; r < all.nr; r += tile) {
+        kvcki_span sp = all;
+        sp.r0 = all.r0 + r;
+        sp.nr = all.nr - r < tile ? all.nr - r : tile;
+        float *s0 = a->s + sp.r0 * bs; /* [nr][bs], first n columns used */
+        src_scores(k, j0, sp.nr, a->dk, q + sp.r0 * ldq, ldq, n, s0, bs, scratch);
+        kvcki_attn_softmax(a, k_pos, n, &sp, NULL);
+        src_pv(v, j0, sp.nr, a->dv, s0, bs, n, a->acc + sp.r0 * a->dv, scratch);
+    }
+}
+
+void kvck_attn_row_invariant(kvck_attn *a)
+{
+    a->row_invariant = 1;
 }
 
 void kvck_attn_block_src(kvck_attn *a, const float *q, size_t ldq, const kvck_src *k,
@@ -140,7 +152,7 @@ void kvck_attn_block_src(kvck_attn *a, const float *q, size_t ldq, const kvck_sr
 {
     if (a->rows == 0 || n == 0)
         return;
-    if (k->kind == KVCK_SRC_F32 && v->kind == KVCK_SRC_F32) {
+    if (k->kind == KVCK_SRC_F32 && v->kind == KVCK_SRC_F32 && !a->row_invariant) {
         kvck_attn_block(a, q, ldq, (const float *)k->data, k->ld, (const float *)v->data, v->ld,
                         k_pos, n);
         return;

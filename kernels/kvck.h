@@ -71,6 +71,10 @@ typedef struct kvck_attn {
      * The window is still measured from q_pos[t]. */
     const int32_t *q_hi; /* [rows / group] or NULL */
     const int32_t *q_lo; /* [rows / group] or NULL */
+    /* kvck_attn_block_src only: nonzero = rows go through the kernels in
+     * tiles of the few-row size, so a row's sums do not depend on how many
+     * other rows the pass holds (kvck_attn_row_invariant). */
+    int row_invariant;
     float *m;   /* [rows] running max of scores */
     float *l;   /* [rows] running sum of exp(score - m) */
     float *acc; /* [rows][dv] running sum of p * v */

@@ -218,6 +218,13 @@ size_t kvck_attn_src_scratch_floats(const kvck_qfmt *fk, const kvck_qfmt *fv, si
  * (quantized) and the newer ones in another (raw) within one pass. */
 void kvck_attn_bounds(kvck_attn *a, const int32_t *q_hi, const int32_t *q_lo);
 
+/* Makes the passes of kvck_attn_block_src compute every row exactly as
+ * they would in a pass of that row alone: rows go through the few-row
+ * kernels in tiles, never through SGEMM, so a batch of queries gives the
+ * bytes that one query per call gives (the step rule to the byte, at some
+ * cost in prefill speed). */
+void kvck_attn_row_invariant(kvck_attn *a);
+
 /* ---- instruction sets ------------------------------------------------------------ */
 
 /* The path the kernels of this header (and the fp16 source) take:

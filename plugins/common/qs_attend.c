@@ -229,6 +229,7 @@ kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
                        G * d * sizeof(float));
             kvck_attn a;
             kvck_attn_init(&a, rows, G, d, d, q->o.block, g->window, pos + q0, sc.attn);
+            kvck_attn_row_invariant(&a); /* batched == single steps, to the byte */
             head_pass(q, L, layer, h, &a, &sc, q0, hi_max);
             kvck_attn_finish(&a, sc.o_buf, d);
             for (uint32_t i = 0; i < nc; i++) {

@@ -176,9 +176,10 @@ uint64_t kvcp_qs_seq_overhead(const kvcp_qs *q)
     const kvcp_geom *g = q->g;
     const uint32_t B = q->o.block;
     /* Raw main tokens at rest: the window plus a block being filled (per
-     * channel), in whole raw blocks, one more for the block boundary. */
+     * channel), in whole raw blocks; two more for the partly used blocks at
+     * either end of a batch whose pending rows are not counted. */
     uint64_t raw_tokens = (uint64_t)q->o.window + (q->o.k_mode == KVCK_QS_CHANNEL ? B - 1 : 0);
-    uint64_t raw_blocks = (raw_tokens + B - 1) / B + 1;
+    uint64_t raw_blocks = (raw_tokens + B - 1) / B + 2;
     uint64_t q_max = 0;
     for (uint32_t l = 0; l < g->n_layers; l++)
         q_max = q->lf[l].q_bytes > q_max ? q->lf[l].q_bytes : q_max;

@@ -204,7 +204,7 @@ kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, 
                 goto nomem;
             cnt->q += lf->q_bytes;
         }
-        if ((b + 1) * B > raw_from && b * B < m) {
+        if (b * B + cntb > raw_from) { /* holds a token with a raw row */
             if (!(blk->raw = kvcp_alloc(q->host, q->raw_bytes, KVC_USAGE_CACHE)))
                 goto nomem;
             cnt->raw += q->raw_bytes;

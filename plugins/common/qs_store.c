@@ -223,8 +223,11 @@ typedef struct append_plan {
 static void plan_rollback(const kvcp_qs *q, kvcp_qs_layer *L, append_plan *pl, uint32_t layer)
 {
     const size_t qb = q->lf[layer].q_bytes;
-    uint32_t b0 = pl->main_old / q->o.block;
-    for (uint32_t b = b0; b < pl->need_blocks; b++) {
+    const uint32_t B = q->o.block;
+    const uint32_t b0 = pl->nq_old / B < pl->main_old / B ? pl->nq_old / B : pl->main_old / B;
+    /* A table that could not grow: nothing per block was allocated yet. */
+    const uint32_t end = pl->tab && pl->cap >= pl->need_blocks ? pl->need_blocks : b0;
+    for (uint32_t b = b0; b < end; b++) {
         kvcp_qs_block *blk = &pl->tab[b];
         uint8_t g = pl->got[b - b0];
         if (g & 1) {
@@ -271,8 +274,9 @@ kvc_status kvcp_qs_append(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
     pl.tab = L->blocks;
     pl.cap = L->cap_blocks;
 
-    /* 1. Allocate everything. */
-    const uint32_t b0 = pl.main_old / B;
+    /* 1. Allocate everything: raw blocks for the new tokens, Q blocks for
+     * the tokens becoming quantized (older blocks too, with a window). */
+    const uint32_t b0 = pl.nq_old / B < pl.main_old / B ? pl.nq_old / B : pl.main_old / B;
     const uint32_t touched = pl.need_blocks > b0 ? pl.need_blocks - b0 : 0;
     uint8_t *got = got_small;
     if (touched > sizeof got_small) {
@@ -304,7 +308,7 @@ kvc_status kvcp_qs_append(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
     }
     for (uint32_t b = b0; b < pl.need_blocks; b++) {
         kvcp_qs_block *blk = &pl.tab[b];
-        if (!blk->raw) {
+        if (!blk->raw && (b + 1) * B > pl.main_old) {
             if (!(blk->raw = kvcp_alloc(q->host, q->raw_bytes, KVC_USAGE_CACHE)))
                 goto nomem;
             got[b - b0] |= 1;

@@ -14,7 +14,7 @@
 /* ---- options ------------------------------------------------------------- */
 
 enum { OPT_T, OPT_R_LOCAL, OPT_R_FREQUENT, OPT_POLICIES, OPT_KV_RATIO, OPT_DTYPE,
-       OPT_BLOCK_TOKENS, OPT_QS, N_OPTS = OPT_QS + KVCP_QS_N_OPTS };
+       OPT_BLOCK_TOKENS, OPT_K_BITS, OPT_V_BITS, OPT_GROUP, OPT_HADAMARD, N_OPTS };
 
 #define DEFAULT_POLICIES "special,special+punct,special+punct+frequent,special+punct+frequent+local,full"
 
@@ -49,7 +49,8 @@ static const kvc_option_desc opt_block_tokens = {
     "time."};
 static const kvc_option_desc *const fg_options[N_OPTS] = {
     &opt_T,        &opt_r_local, &opt_r_frequent,  &opt_policies,
-    &opt_kv_ratio, &opt_dtype,   &opt_block_tokens, KVCP_QS_OPTION_LIST};
+    &opt_kv_ratio, &opt_dtype,   &opt_block_tokens, &kvcp_qs_opt_k_bits,
+    &kvcp_qs_opt_v_bits, &kvcp_qs_opt_group, &kvcp_qs_opt_hadamard};
 
 /* ---- budget arithmetic ------------------------------------------------------ */
 
@@ -111,24 +112,22 @@ static fg_rows dense_rows(const kvcp_geom *g, size_t elem)
 }
 
 /* The quantization options, for fastgen: kept tokens are quantized one
- * row at a time after RoPE (eviction moves rows), so k_scale and k_rope
- * default to token and post, and sinks, windows and outliers (which
- * per-head eviction policies and block-wide side stores cannot share) are
- * refused. *on = 0 when k_bits/v_bits ask for none. */
-static kvc_status parse_quant(kvcp_optval *qv, const kvcp_geom *g, uint32_t B, kvcp_qs_opts *o,
-                              kvck_qfmt *kf, kvck_qfmt *vf, int *on, char *msg, size_t cap)
+ * row at a time after RoPE (eviction moves rows), so of the shared
+ * options fastgen lists k_bits, v_bits, group and hadamard; per-token keys
+ * after RoPE, no sink, window or outliers (its policies decide which
+ * tokens stay) are fixed. *on = 0 when k_bits/v_bits ask for none. */
+static kvc_status parse_quant(const kvcp_optval *v, const kvcp_geom *g, uint32_t B,
+                              kvcp_qs_opts *o, kvck_qfmt *kf, kvck_qfmt *vf, int *on, char *msg,
+                              size_t cap)
 {
-    kvcp_optval *ks = &qv[KVCP_QS_OPT_K_SCALE], *kr = &qv[KVCP_QS_OPT_K_ROPE];
-    if ((ks->set && ks->num == 0) || (kr->set && kr->num == 0))
-        return kvcp_fail(msg, cap, KVC_E_INVALID,
-                         "fastgen quantizes each kept token on its own, after RoPE: k_scale "
-                         "must be token and k_rope post");
-    ks->num = 1;
-    kr->num = 1;
-    if (qv[KVCP_QS_OPT_SINK].num || qv[KVCP_QS_OPT_WINDOW].num || qv[KVCP_QS_OPT_OUTLIERS].num)
-        return kvcp_fail(msg, cap, KVC_E_INVALID,
-                         "fastgen's quantized tokens take no sink, window or outliers: its "
-                         "policies decide which tokens stay");
+    kvcp_optval qv[KVCP_QS_N_OPTS];
+    memset(qv, 0, sizeof qv);
+    qv[KVCP_QS_OPT_K_BITS] = v[OPT_K_BITS];
+    qv[KVCP_QS_OPT_V_BITS] = v[OPT_V_BITS];
+    qv[KVCP_QS_OPT_GROUP] = v[OPT_GROUP];
+    qv[KVCP_QS_OPT_HADAMARD] = v[OPT_HADAMARD];
+    qv[KVCP_QS_OPT_K_SCALE].num = 1; /* token */
+    qv[KVCP_QS_OPT_K_ROPE].num = 1;  /* post */
     return kvcp_qs_opts_parse(qv, g, B, o, kf, vf, on, msg, cap);
 }
 
@@ -174,7 +173,7 @@ static kvc_status fg_create(const kvc_create_info *info, kvc_instance **out, cha
     kvcp_qs_opts qo;
     kvck_qfmt kf, vf;
     int quant = 0;
-    st = parse_quant(v + OPT_QS, &g, B, &qo, &kf, &vf, &quant, msg, msg_size);
+    st = parse_quant(v, &g, B, &qo, &kf, &vf, &quant, msg, msg_size);
     if (st)
         return st;
     fg_rows rows;
@@ -492,7 +491,7 @@ static const kvc_plugin fg_plugin = {
         "and keeps applying it while generating. Kept tokens are stored exactly (post-RoPE K, V "
         "and positions) in per-head ragged blocks; evicted tokens' memory is given back.",
     .license = "MIT",
-    .caps = KVC_CAP_CPU | KVC_CAP_COMPRESS_TOKENS | KVC_CAP_TOKEN_FLAGS | KVC_CAP_MATERIALIZE |
+    .caps = KVC_CAP_CPU | KVC_CAP_COMPRESS_TOKENS | KVC_CAP_QUANTIZES | KVC_CAP_TOKEN_FLAGS | KVC_CAP_MATERIALIZE |
             KVC_CAP_EXPORT | KVC_CAP_FORK | KVC_CAP_PROMPT_PHASE,
     .n_options = N_OPTS,
     .options = fg_options,

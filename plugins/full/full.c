@@ -114,8 +114,7 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
         }
         in->quant = 1;
         in->kv_ratio = kvcp_qs_token_ratio(&in->qs);
-        in->seq_overhead = full_seq_fixed_bytes(in) +
-                           (uint64_t)g.n_layers * sizeof(kvcp_qs_layer) +
+        in->seq_overhead = sizeof(struct kvc_seq) + (uint64_t)g.n_layers * sizeof(kvcp_qs_layer) +
                            kvcp_qs_seq_overhead(&in->qs);
         if (v[OPT_KV_RATIO].set && v[OPT_KV_RATIO].num < in->kv_ratio) {
             kvcp_fail(msg, msg_size, KVC_E_INVALID,

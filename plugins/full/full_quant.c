@@ -176,7 +176,7 @@ void full_q_stats(const kvc_seq *s, kvc_seq_stats *st)
     st->bytes_payload = payload;
     st->bytes_metadata = b->pos + b->table + q_meta;
     st->bytes_reserved = total - payload - st->bytes_metadata;
-    st->bytes_fixed = full_seq_fixed_bytes(in) + (uint64_t)in->g.n_layers * sizeof(kvcp_qs_layer);
+    st->bytes_fixed = sizeof(struct kvc_seq) + (uint64_t)in->g.n_layers * sizeof(kvcp_qs_layer);
     st->bytes_resident = total + st->bytes_fixed;
     st->bytes_fp16_full = tokens * kvcp_fp16_bytes_per_token_layer(&in->g);
     st->bytes_pending = pending;
