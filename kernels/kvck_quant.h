@@ -125,6 +125,12 @@ size_t kvck_q_scale_bytes(const kvck_qfmt *f, int mode, size_t n);
 void kvck_q_quantize(const kvck_qfmt *f, int mode, size_t n, const float *x, size_t ldx,
                      const uint8_t *skip, uint8_t *codes, uint16_t *sz);
 
+/* Codes of n rows x [n][ldx] on scales already chosen (sz in `mode`'s
+ * layout): values outside a group's range clamp to its ends. For fixed
+ * per-channel scales (CHANNEL mode: sz [d][2] shared by all rows). */
+void kvck_q_encode(const kvck_qfmt *f, int mode, size_t n, const float *x, size_t ldx,
+                   const uint16_t *sz, uint8_t *codes);
+
 /* x [n][ldx] (first d values) <- the quantized values. */
 void kvck_q_dequantize(const kvck_qfmt *f, int mode, size_t n, const uint8_t *codes,
                        const uint16_t *sz, float *x, size_t ldx);

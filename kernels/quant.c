@@ -269,3 +269,24 @@ float kvck_q_value(const kvck_qfmt *f, int mode, const uint8_t *codes, const uin
                             : sz + (j * f->n_groups + kvcki_group_of(f, c)) * 2;
     return kvck_f16_to_f32(p[1]) + kvck_f16_to_f32(p[0]) * lev;
 }
+
+void kvck_q_encode(const kvck_qfmt *f, int mode, size_t n, const float *x, size_t ldx,
+                   const uint16_t *sz, uint8_t *codes)
+{
+    uint8_t row[KVCK_MAX_HEAD_DIM]; /* [d] codes of one row before packing */
+    for (size_t j = 0; j < n; j++) {
+        const float *xr = x + j * ldx; /* [d] */
+        const uint16_t *szr = mode == KVCK_QS_CHANNEL ? sz : sz + j * (size_t)f->n_groups * 2;
+        for (uint32_t i = 0; i < f->n_seg; i++) {
+            const kvck_qseg *s = &f->seg[i];
+            if (s->bits == 0)
+                continue;
+            const float *lev = kvcki_seg_levels(f, s);
+            for (uint32_t c = s->first; c < s->first + s->len; c++) {
+                const uint32_t k = mode == KVCK_QS_CHANNEL ? c : kvcki_group_of(f, c);
+                row[c] = (uint8_t)code_of(xr[c], szr[2 * k], szr[2 * k + 1], lev, s->bits);
+            }
+            kvck_pack(s->bits, row + s->first, s->len, codes + j * f->row_bytes + s->offset);
+        }
+    }
+}

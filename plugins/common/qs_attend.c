@@ -18,8 +18,10 @@ typedef struct qs_scratch {
     float *o_buf;   /* [chunk * group][d] their outputs */
     float *k_buf;   /* [block][d] keys rebuilt as f32 (keys kept before RoPE) */
     int32_t *k_pos; /* [block] positions of a contiguous block */
-    int32_t *q_hi;  /* [n_q] last position a query sees quantized */
-    int32_t *q_lo;  /* [n_q] the same, as the raw pass's exclusive lower bound */
+    int32_t *k_hi;  /* [n_q] last position whose key a query sees quantized */
+    int32_t *v_hi;  /* [n_q] likewise values */
+    int32_t *k_lo;  /* [n_q] the key cut as an index (scratch) */
+    int32_t *v_lo;  /* [n_q] the value cut as an index */
     float *attn;    /* kvck_attn state */
     float *src;     /* kvck_attn_block_src scratch */
     size_t floats;
@@ -48,7 +50,8 @@ static void scratch_plan(const kvcp_qs *q, uint32_t layer, uint32_t n_q, float *
 {
     const kvcp_geom *g = q->g;
     const size_t d = g->head_dim, B = q->o.block, rows = (size_t)QS_Q_CHUNK * g->group;
-    const size_t sizes[] = {(size_t)n_q * g->n_q * d, rows * d, rows * d, B * d, B, n_q, n_q,
+    const size_t sizes[] = {(size_t)n_q * g->n_q * d, rows * d, rows * d, B * d, B,
+                            n_q, n_q, n_q, n_q,
                             kvck_attn_scratch_floats(rows, d, B), src_floats(q, layer, rows)};
     size_t o[sizeof sizes / sizeof sizes[0]], off = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
@@ -61,10 +64,12 @@ static void scratch_plan(const kvcp_qs *q, uint32_t layer, uint32_t n_q, float *
         sc->o_buf = base + o[2];
         sc->k_buf = base + o[3];
         sc->k_pos = (int32_t *)(base + o[4]);
-        sc->q_hi = (int32_t *)(base + o[5]);
-        sc->q_lo = (int32_t *)(base + o[6]);
-        sc->attn = base + o[7];
-        sc->src = base + o[8];
+        sc->k_hi = (int32_t *)(base + o[5]);
+        sc->v_hi = (int32_t *)(base + o[6]);
+        sc->k_lo = (int32_t *)(base + o[7]);
+        sc->v_lo = (int32_t *)(base + o[8]);
+        sc->attn = base + o[9];
+        sc->src = base + o[10];
     }
     sc->floats = off;
 }
@@ -107,6 +112,22 @@ static kvck_src src_q(const kvck_qfmt *f, int mode, const uint8_t *codes, const 
     return s;
 }
 
+/* An output row [d] of head h from the values' stored basis back to the
+ * model's: inverse Hadamard, or the inverse channel permutation. */
+static void unrotate_out(const kvcp_qs *q, uint32_t layer, uint32_t h, float *o)
+{
+    const uint32_t d = q->g->head_dim;
+    if (q->v_signs)
+        kvck_hadamard_inv(o, d, q->v_signs);
+    const uint16_t *perm = q->lf[layer].v_perm;
+    if (perm) {
+        float t[KVCK_MAX_HEAD_DIM];
+        memcpy(t, o, d * sizeof(float));
+        for (uint32_t i = 0; i < d; i++)
+            o[perm[(size_t)h * d + i]] = t[i];
+    }
+}
+
 /* Outliers of the first n rows of a list sorted by row. */
 static size_t out_upto(const kvck_qout *out, uint32_t cnt, uint32_t n)
 {
@@ -116,67 +137,92 @@ static size_t out_upto(const kvck_qout *out, uint32_t cnt, uint32_t n)
     return k;
 }
 
-/* The three passes of one KV head over one chunk of queries. */
+/* Key and value sources of rows [o, o + n) of main block b, head h, in
+ * the given forms (1 quantized, 0 raw); keys kept before RoPE are rebuilt
+ * as rotated f32 rows in k_buf. kp: their positions. */
+static void block_srcs(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, uint32_t b,
+                       uint32_t h, uint32_t o, uint32_t n, int kq, int vq, const int32_t *kp,
+                       const qs_scratch *sc, kvck_src *ks, kvck_src *vs)
+{
+    const uint32_t d = q->g->head_dim;
+    const kvcp_qs_lfmt *lf = &q->lf[layer];
+    const kvcp_qs_block *blk = &L->blocks[b];
+    qs_qhead p;
+    memset(&p, 0, sizeof p);
+    if (kq || vq)
+        qs_qhead_at(q, layer, blk->q, h, &p);
+    if (vq) /* o == 0 for quantized rows: they start a block */
+        *vs = src_q(&lf->v[h], KVCK_QS_TOKEN, p.v_codes, p.v_sz, p.v_out,
+                    out_upto(p.v_out, *p.v_nout, n));
+    else
+        *vs = src_f16(qs_rawv(q, blk, h) + (size_t)o * d, d);
+    if (q->o.k_pre) {
+        if (kq) {
+            qs_dequant_keys(q, L, layer, b, h, sc->k_buf);
+        } else {
+            qs_rawk_rows(q, layer, blk, h, o, n, sc->k_buf);
+        }
+        rope_rows(q, sc->k_buf, n, kp);
+        *ks = src_f32(sc->k_buf, d);
+    } else if (kq) {
+        *ks = src_q(&lf->k[h], q->o.k_mode, p.k_codes, p.k_sz, p.k_out,
+                    out_upto(p.k_out, *p.k_nout, n));
+    } else {
+        *ks = src_f16((const uint16_t *)qs_rawk(q, blk, h) + (size_t)o * d, d);
+    }
+}
+
+/* One pass over main tokens [from, to) (indices) with keys and values in
+ * the given forms, each query bounded by the current kvck_attn_bounds. */
+static void main_pass(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, uint32_t h,
+                      kvck_attn *a, const qs_scratch *sc, uint32_t from, uint32_t to, int kq,
+                      int vq, int32_t hi_max)
+{
+    const uint32_t B = q->o.block, d = q->g->head_dim;
+    for (uint32_t b = from / B; b * B < to; b++) {
+        const kvcp_qs_block *blk = &L->blocks[b];
+        const uint32_t o = from > b * B ? from - b * B : 0;
+        const uint32_t end = to - b * B < B ? to - b * B : B;
+        /* A quantized form is read from the block's start: its scales and
+         * outliers are the block's. Rows before `from` are then outside
+         * every query's bounds anyway. */
+        const uint32_t o2 = kq || vq ? 0 : o;
+        if (o >= end)
+            continue;
+        const uint32_t n = end - o2;
+        const int32_t *kp = block_pos(blk, o2, n, sc->k_pos);
+        if (kp[o - o2] > hi_max)
+            break;
+        kvck_src ks, vs;
+        block_srcs(q, L, layer, b, h, o2, n, kq, vq, kp, sc, &ks, &vs);
+        kvck_attn_block_src(a, sc->q_buf, d, &ks, &vs, kp, n, sc->src);
+    }
+}
+
+/* The passes of one KV head over one chunk of queries: sinks; main
+ * tokens with both forms quantized (below each query's key cut); key raw
+ * and value quantized (between the cuts); both raw (above the value cut). */
 static void head_pass(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, uint32_t h,
-                      kvck_attn *a, const qs_scratch *sc, uint32_t q0, int32_t hi_max)
+                      kvck_attn *a, const qs_scratch *sc, uint32_t q0, const uint32_t span[4],
+                      int32_t hi_max)
 {
     const kvcp_geom *g = q->g;
-    const uint32_t B = q->o.block, d = g->head_dim, H = g->n_kv, m = qs_main(L);
-    const kvcp_qs_lfmt *lf = &q->lf[layer];
-    const float *qb = sc->q_buf;
-
-    /* Sinks: fp16 rows, post-RoPE, token-major [n_sink][n_kv][d]. */
+    const uint32_t B = q->o.block, d = g->head_dim, H = g->n_kv;
     for (uint32_t s0 = 0; s0 < L->n_sink; s0 += B) {
         uint32_t n = L->n_sink - s0 < B ? L->n_sink - s0 : B;
         kvck_src ks = src_f16(qs_sink_k(q, L, s0) + (size_t)h * d, (size_t)H * d);
         kvck_src vs = src_f16(qs_sink_v(q, L, s0) + (size_t)h * d, (size_t)H * d);
-        kvck_attn_block_src(a, qb, d, &ks, &vs, L->sink_pos + s0, n, sc->src);
+        kvck_attn_block_src(a, sc->q_buf, d, &ks, &vs, L->sink_pos + s0, n, sc->src);
     }
-
-    /* Quantized blocks, each query up to its cut. */
-    const uint32_t nq = L->nq < m ? L->nq : m;
-    kvck_attn_bounds(a, sc->q_hi + q0, NULL);
-    for (uint32_t b = 0; b * B < nq; b++) {
-        const kvcp_qs_block *blk = &L->blocks[b];
-        const uint32_t n = nq - b * B < B ? nq - b * B : B;
-        const int32_t *kp = block_pos(blk, 0, n, sc->k_pos);
-        if (kp[0] > hi_max)
-            break;
-        qs_qhead p;
-        qs_qhead_at(q, layer, blk->q, h, &p);
-        kvck_src ks, vs = src_q(&lf->v[h], KVCK_QS_TOKEN, p.v_codes, p.v_sz, p.v_out,
-                                out_upto(p.v_out, *p.v_nout, n));
-        if (q->o.k_pre) {
-            qs_dequant_block(q, L, layer, b, h, sc->k_buf, NULL);
-            rope_rows(q, sc->k_buf, n, kp);
-            ks = src_f32(sc->k_buf, d);
-        } else {
-            ks = src_q(&lf->k[h], q->o.k_mode, p.k_codes, p.k_sz, p.k_out,
-                       out_upto(p.k_out, *p.k_nout, n));
-        }
-        kvck_attn_block_src(a, qb, d, &ks, &vs, kp, n, sc->src);
-    }
-
-    /* Raw rows (live, and pending copies), each query above its cut. */
-    kvck_attn_bounds(a, NULL, sc->q_lo + q0);
-    for (uint32_t b = L->raw_from / B; b * B < m; b++) {
-        const kvcp_qs_block *blk = &L->blocks[b];
-        const uint32_t o = L->raw_from > b * B ? L->raw_from - b * B : 0;
-        const uint32_t end = m - b * B < B ? m - b * B : B;
-        if (o >= end || !blk->raw)
-            continue;
-        const uint32_t n = end - o;
-        const int32_t *kp = block_pos(blk, o, n, sc->k_pos);
-        kvck_src ks, vs = src_f16(qs_raw_v(q, blk->raw, h) + (size_t)o * d, d);
-        if (q->o.k_pre) {
-            kvck_f16_to_f32_n(qs_raw_k(q, blk->raw, h) + (size_t)o * d, sc->k_buf, (size_t)n * d);
-            rope_rows(q, sc->k_buf, n, kp);
-            ks = src_f32(sc->k_buf, d);
-        } else {
-            ks = src_f16(qs_raw_k(q, blk->raw, h) + (size_t)o * d, d);
-        }
-        kvck_attn_block_src(a, qb, d, &ks, &vs, kp, n, sc->src);
-    }
+    /* span: [0, kmax) both quantized, [kmin, vmax) key raw, [vmin, main)
+     * both raw, as indices any query of the chunk may need; the bounds
+     * make each query take its own share. */
+    kvck_attn_bounds(a, sc->k_hi + q0, NULL);
+    main_pass(q, L, layer, h, a, sc, 0, span[0], 1, 1, hi_max);
+    kvck_attn_bounds(a, sc->v_hi + q0, sc->k_hi + q0);
+    main_pass(q, L, layer, h, a, sc, span[1], span[2], 0, 1, hi_max);
+    kvck_attn_bounds(a, NULL, sc->v_hi + q0);
+    main_pass(q, L, layer, h, a, sc, span[3], qs_main(L), 0, 0, hi_max);
     kvck_attn_bounds(a, NULL, NULL);
 }
 
@@ -201,18 +247,26 @@ kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
         for (size_t r = 0; r < (size_t)n_q * g->n_q; r++)
             kvck_hadamard(sc.q_rot + r * d, d, q->k_signs);
 
-    /* Each query's cut: main tokens [0, eff) are seen quantized. */
+    /* Each query's cuts: main keys [0, kc) and values [0, vc) are seen
+     * quantized (what was quantized at its time, or has no raw row left);
+     * as positions k_hi, v_hi (-1: none). */
     const uint32_t m = qs_main(L);
-    const uint32_t nq = L->nq < m ? L->nq : m;
+    const uint32_t kq = L->kq < m ? L->kq : m, vq = L->vq < m ? L->vq : m;
     int32_t qmax = pos[0];
+    uint32_t *kc = (uint32_t *)sc.k_lo, *vc = (uint32_t *)sc.v_lo; /* [n_q] cuts as indices */
     for (uint32_t i = 0; i < n_q; i++) {
-        uint32_t c = kvcp_qs_count_upto(q, L, pos[i]);
-        uint32_t eff = kvcp_qs_q_count(q, c);
-        eff = eff > L->raw_from ? eff : L->raw_from; /* no raw rows below raw_from */
-        eff = eff < nq ? eff : nq;
-        int32_t cut = eff ? qs_main_pos(q, L, eff - 1) : -1;
-        sc.q_hi[i] = cut < pos[i] ? cut : pos[i];
-        sc.q_lo[i] = cut;
+        const uint32_t c = kvcp_qs_count_upto(q, L, pos[i]);
+        uint32_t k = kvcp_qs_kq_count(q, c), v = kvcp_qs_vq_count(q, c);
+        k = k > L->kraw_from ? k : L->kraw_from;
+        v = v > L->vraw_from ? v : L->vraw_from;
+        k = k < kq ? k : kq;
+        v = v < vq ? v : vq;
+        v = v > k ? v : k;
+        kc[i] = k;
+        vc[i] = v;
+        const int32_t kp = k ? qs_main_pos(q, L, k - 1) : -1, vp = v ? qs_main_pos(q, L, v - 1) : -1;
+        sc.k_hi[i] = kp < pos[i] ? kp : pos[i];
+        sc.v_hi[i] = vp < pos[i] ? vp : pos[i];
         qmax = pos[i] > qmax ? pos[i] : qmax;
     }
 
@@ -220,8 +274,14 @@ kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
         const uint32_t nc = n_q - q0 < QS_Q_CHUNK ? n_q - q0 : QS_Q_CHUNK;
         const size_t rows = (size_t)nc * G;
         int32_t hi_max = -1;
-        for (uint32_t i = 0; i < nc; i++)
-            hi_max = sc.q_hi[q0 + i] > hi_max ? sc.q_hi[q0 + i] : hi_max;
+        uint32_t span[4] = {0, m, 0, m}; /* kmax, kmin, vmax, vmin */
+        for (uint32_t i = q0; i < q0 + nc; i++) {
+            hi_max = pos[i] > hi_max ? pos[i] : hi_max;
+            span[0] = kc[i] > span[0] ? kc[i] : span[0];
+            span[1] = kc[i] < span[1] ? kc[i] : span[1];
+            span[2] = vc[i] > span[2] ? vc[i] : span[2];
+            span[3] = vc[i] < span[3] ? vc[i] : span[3];
+        }
         for (uint32_t h = 0; h < g->n_kv; h++) {
             for (uint32_t i = 0; i < nc; i++)
                 memcpy(sc.q_buf + (size_t)i * G * d,
@@ -230,14 +290,13 @@ kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
             kvck_attn a;
             kvck_attn_init(&a, rows, G, d, d, q->o.block, g->window, pos + q0, sc.attn);
             kvck_attn_row_invariant(&a); /* batched == single steps, to the byte */
-            head_pass(q, L, layer, h, &a, &sc, q0, hi_max);
+            head_pass(q, L, layer, h, &a, &sc, q0, span, hi_max);
             kvck_attn_finish(&a, sc.o_buf, d);
             for (uint32_t i = 0; i < nc; i++) {
                 float *o = out + ((size_t)(q0 + i) * g->n_q + (size_t)h * G) * d;
                 memcpy(o, sc.o_buf + (size_t)i * G * d, G * d * sizeof(float));
-                if (q->v_signs)
-                    for (size_t j = 0; j < G; j++)
-                        kvck_hadamard_inv(o + j * d, d, q->v_signs);
+                for (size_t j = 0; j < G; j++)
+                    unrotate_out(q, layer, h, o + j * d);
             }
         }
     }
@@ -254,12 +313,13 @@ kvc_status kvcp_qs_expand(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t lay
 {
     const kvcp_geom *g = q->g;
     const uint32_t B = q->o.block, d = g->head_dim, H = g->n_kv, m = qs_main(L);
-    const size_t row = q->raw_row;
-    const uint32_t nq = L->nq < m ? L->nq : m;
+    const size_t row = q->row;
+    const uint32_t kq = L->kq < m ? L->kq : m, vq = L->vq < m ? L->vq : m;
     const size_t bytes = 2 * (size_t)B * d * sizeof(float);
-    float *kb = kvcp_alloc(q->host, bytes, KVC_USAGE_SCRATCH), *vb = kb + (size_t)B * d;
+    float *kb = kvcp_alloc(q->host, bytes, KVC_USAGE_SCRATCH);
     if (!kb)
         return KVC_E_NOMEM;
+    float *vb = kb + (size_t)B * d; /* [B][d] each */
     int32_t kp[256];
     for (uint32_t i = 0; i < L->n_sink; i++) {
         pos[i] = L->sink_pos[i];
@@ -268,28 +328,34 @@ kvc_status kvcp_qs_expand(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t lay
         if (v)
             kvck_f16_to_f32_n(qs_sink_v(q, L, i), v + (size_t)i * row, row);
     }
+    /* Each row in its current form: quantized below kq (vq), raw above. */
     for (uint32_t b = 0; b * B < m; b++) {
         const kvcp_qs_block *blk = &L->blocks[b];
         const uint32_t n = m - b * B < B ? m - b * B : B;
-        const uint32_t nqb = nq > b * B ? (nq - b * B < n ? nq - b * B : n) : 0;
+        const uint32_t nk = kq > b * B ? (kq - b * B < n ? kq - b * B : n) : 0;
+        const uint32_t nv = vq > b * B ? (vq - b * B < n ? vq - b * B : n) : 0;
         const int32_t *bp = block_pos(blk, 0, n, kp);
-        float *kd = k ? k + ((size_t)L->n_sink + (size_t)b * B) * row : NULL;
-        float *vd = v ? v + ((size_t)L->n_sink + (size_t)b * B) * row : NULL;
-        memcpy(pos + L->n_sink + (size_t)b * B, bp, n * sizeof(int32_t));
+        const size_t t0 = (size_t)L->n_sink + (size_t)b * B;
+        memcpy(pos + t0, bp, n * sizeof(int32_t));
         for (uint32_t h = 0; h < H; h++) {
-            if (nqb)
-                qs_dequant_block(q, L, layer, b, h, kb, vb);
-            for (uint32_t i = nqb; i < n; i++) {
-                kvck_f16_to_f32_n(qs_raw_k(q, blk->raw, h) + (size_t)i * d, kb + (size_t)i * d, d);
-                kvck_f16_to_f32_n(qs_raw_v(q, blk->raw, h) + (size_t)i * d, vb + (size_t)i * d, d);
-            }
+            if (nk)
+                qs_dequant_keys(q, L, layer, b, h, kb);
+            if (n > nk)
+                qs_rawk_rows(q, layer, blk, h, nk, n - nk, kb + (size_t)nk * d);
+            if (nv)
+                qs_dequant_values(q, L, layer, b, h, vb);
+            if (n > nv)
+                kvck_f16_to_f32_n(qs_rawv(q, blk, h) + (size_t)nv * d, vb + (size_t)nv * d,
+                                  (size_t)(n - nv) * d);
             if (q->o.k_pre)
                 rope_rows(q, kb, n, bp);
             for (uint32_t i = 0; i < n; i++) {
-                if (kd)
-                    memcpy(kd + (size_t)i * row + (size_t)h * d, kb + (size_t)i * d, d * sizeof(float));
-                if (vd)
-                    memcpy(vd + (size_t)i * row + (size_t)h * d, vb + (size_t)i * d, d * sizeof(float));
+                if (k)
+                    memcpy(k + (t0 + i) * row + (size_t)h * d, kb + (size_t)i * d,
+                           d * sizeof(float));
+                if (v)
+                    memcpy(v + (t0 + i) * row + (size_t)h * d, vb + (size_t)i * d,
+                           d * sizeof(float));
             }
         }
     }

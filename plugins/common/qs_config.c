@@ -53,6 +53,8 @@ void kvcp_qs_free(kvcp_qs *q)
     kvcp_free(h, q->k_signs, (size_t)g->head_dim * sizeof(float));
     kvcp_free(h, q->v_signs, (size_t)g->head_dim * sizeof(float));
     kvcp_free(h, q->rope_table, q->rope_table_bytes);
+    kvcp_free(h, q->perms, q->perms_bytes);
+    kvcp_free(h, q->raw_sz, (size_t)g->n_layers * g->n_kv * g->head_dim * 4);
     memset(q, 0, sizeof *q);
 }
 
@@ -78,6 +80,13 @@ kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
         return kvcp_fail(msg, cap, KVC_E_INVALID,
                          "keys kept before RoPE cannot also be Hadamard-rotated (RoPE is applied "
                          "after dequantization, in the unrotated basis)");
+    if ((o->k_perm && (!o->k_pre || o->k_hadamard)) || (o->v_perm && o->v_hadamard))
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "a channel permutation needs keys kept before RoPE and no Hadamard "
+                         "rotation of the same rows");
+    if (o->k_raw_sz && !o->k_pre)
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "8-bit raw keys on fixed channel scales need keys kept before RoPE");
     if (o->k_mode != KVCK_QS_CHANNEL && o->k_mode != KVCK_QS_TOKEN)
         return kvcp_fail(msg, cap, KVC_E_INVALID, "unknown key scaling mode %d", o->k_mode);
     if (!(o->k_outliers >= 0 && o->k_outliers <= 0.25 && o->v_outliers >= 0 &&
@@ -92,6 +101,7 @@ kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
     q->g = g;
     q->o = *o;
     q->o.k_fmt = q->o.v_fmt = q->o.k_fmt_all = q->o.v_fmt_all = NULL;
+    q->o.k_perm = q->o.v_perm = q->o.k_raw_sz = NULL;
     /* Formats per layer and head ([n_layers][n_kv] K then V), or one K and
      * one V per head shared by every layer ([n_kv] K then V). */
     const uint32_t per = per_head ? L * H : H;
@@ -120,11 +130,53 @@ kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
         lf->v = q->fmts + per + (per_head ? (size_t)l * H : 0);
         lf->k_out_cap = k_cap;
         lf->v_out_cap = v_cap;
+        lf->k_perm = lf->v_perm = NULL;
+        lf->k_raw_sz = NULL;
         lf->head = q->heads + (size_t)l * H;
         size_t at = 0;
         for (uint32_t h = 0; h < H; h++)
             at = head_layout(&lf->k[h], &lf->v[h], o->k_mode, B, k_cap, v_cap, at, &lf->head[h]);
         lf->q_bytes = at;
+    }
+    const size_t lhd = (size_t)L * H * d;
+    if (o->k_perm || o->v_perm) {
+        q->perms_bytes = 2 * lhd * sizeof(uint16_t);
+        if (!(q->perms = kvcp_alloc(host, q->perms_bytes, KVC_USAGE_INSTANCE)))
+            goto nomem;
+        for (int kv = 0; kv < 2; kv++) {
+            const uint16_t *src = kv ? o->v_perm : o->k_perm;
+            if (!src)
+                continue;
+            uint16_t *dst = q->perms + (size_t)kv * lhd;
+            memcpy(dst, src, lhd * sizeof(uint16_t));
+            for (size_t r = 0; r < (size_t)L * H; r++) { /* a permutation of 0..d-1? */
+                uint8_t seen[KVCK_MAX_HEAD_DIM] = {0};
+                for (uint32_t i = 0; i < d; i++) {
+                    uint16_t c = dst[r * d + i];
+                    if (c >= d || seen[c]) {
+                        kvcp_qs_free(q);
+                        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                                         "%s channel order of layer %zu head %zu is not a "
+                                         "permutation of 0..%u",
+                                         kv ? "value" : "key", r / H, r % H, d - 1);
+                    }
+                    seen[c] = 1;
+                }
+            }
+            for (uint32_t l = 0; l < L; l++)
+                *(kv ? &q->lf[l].v_perm : &q->lf[l].k_perm) = dst + (size_t)l * H * d;
+        }
+    }
+    if (o->k_raw_sz) {
+        if (!(q->raw_sz = kvcp_alloc(host, lhd * 4, KVC_USAGE_INSTANCE)))
+            goto nomem;
+        memcpy(q->raw_sz, o->k_raw_sz, lhd * 4);
+        for (uint32_t l = 0; l < L; l++)
+            q->lf[l].k_raw_sz = q->raw_sz + (size_t)l * H * d * 2;
+        if (kvck_qfmt_uniform(&q->raw8, d, 8, d)) {
+            kvcp_qs_free(q);
+            return kvcp_fail(msg, cap, KVC_E_INVALID, "no 8-bit row format for head_dim %u", d);
+        }
     }
     if (o->k_hadamard || o->v_hadamard) {
         if (o->k_hadamard) {
@@ -144,12 +196,14 @@ kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
             goto nomem;
         kvck_rope_table_fill(&g->rope, g->max_positions, q->rope_table);
     }
-    q->raw_row = (size_t)H * d;
-    q->raw_bytes = 2 * (size_t)H * B * d * sizeof(uint16_t);
+    q->row = (size_t)H * d;
+    q->rawk_row = q->raw_sz ? d : d * sizeof(uint16_t);
+    q->rawk_bytes = (size_t)H * B * q->rawk_row;
+    q->rawv_bytes = (size_t)H * B * d * sizeof(uint16_t);
     q->param_bytes = (uint64_t)q->n_fmts * sizeof(kvck_qfmt) + (uint64_t)L * sizeof(kvcp_qs_lfmt) +
                      (uint64_t)L * H * sizeof(kvcp_qs_head) +
                      (q->k_signs ? d * sizeof(float) : 0) + (q->v_signs ? d * sizeof(float) : 0) +
-                     q->rope_table_bytes;
+                     q->rope_table_bytes + q->perms_bytes + (q->raw_sz ? lhd * 4 : 0);
     return KVC_OK;
 
 nomem:
@@ -175,29 +229,37 @@ uint64_t kvcp_qs_seq_overhead(const kvcp_qs *q)
 {
     const kvcp_geom *g = q->g;
     const uint32_t B = q->o.block;
-    /* Raw main tokens at rest: the window plus a block being filled (per
-     * channel), in whole raw blocks; two more for the partly used blocks at
-     * either end of a batch whose pending rows are not counted. */
-    uint64_t raw_tokens = (uint64_t)q->o.window + (q->o.k_mode == KVCK_QS_CHANNEL ? B - 1 : 0);
-    uint64_t raw_blocks = (raw_tokens + B - 1) / B + 2;
+    /* Raw rows at rest: the window, plus for per-channel keys the block
+     * being filled, in whole raw blocks; two more for the partly used
+     * blocks at either end of a batch whose pending rows are not counted. */
+    uint64_t k_tokens = (uint64_t)q->o.window + (q->o.k_mode == KVCK_QS_CHANNEL ? B - 1 : 0);
+    uint64_t k_blocks = (k_tokens + B - 1) / B + 2, v_blocks = (q->o.window + B - 1) / B + 2;
     uint64_t q_max = 0;
     for (uint32_t l = 0; l < g->n_layers; l++)
         q_max = q->lf[l].q_bytes > q_max ? q->lf[l].q_bytes : q_max;
-    uint64_t sink = (uint64_t)q->o.sink * (2 * q->raw_row * sizeof(uint16_t) + sizeof(int32_t));
-    uint64_t per_layer = raw_blocks * q->raw_bytes +
-                         raw_blocks * (uint64_t)B * sizeof(int32_t) /* their positions */ +
+    uint64_t sink = (uint64_t)q->o.sink * (2 * q->row * sizeof(uint16_t) + sizeof(int32_t));
+    uint64_t pos_blocks = k_blocks > v_blocks ? k_blocks : v_blocks;
+    uint64_t per_layer = k_blocks * q->rawk_bytes + v_blocks * q->rawv_bytes +
+                         pos_blocks * (uint64_t)B * sizeof(int32_t) /* their positions */ +
                          q_max /* a partly used Q block */ + (uint64_t)B * sizeof(int32_t) +
                          sink + (KVCP_TABLE_INIT + 2) * sizeof(kvcp_qs_block);
     return per_layer * g->n_layers;
 }
 
-uint32_t kvcp_qs_q_count(const kvcp_qs *q, uint32_t n)
+static uint32_t main_of(const kvcp_qs *q, uint32_t n)
 {
-    uint32_t sink = n < q->o.sink ? n : q->o.sink;
-    uint32_t main = n - sink;
-    if (main <= q->o.window)
-        return 0;
-    uint32_t old = main - q->o.window;
+    return n - (n < q->o.sink ? n : q->o.sink);
+}
+
+uint32_t kvcp_qs_vq_count(const kvcp_qs *q, uint32_t n)
+{
+    uint32_t m = main_of(q, n);
+    return m > q->o.window ? m - q->o.window : 0;
+}
+
+uint32_t kvcp_qs_kq_count(const kvcp_qs *q, uint32_t n)
+{
+    uint32_t old = kvcp_qs_vq_count(q, n);
     return q->o.k_mode == KVCK_QS_CHANNEL ? old / q->o.block * q->o.block : old;
 }
 
@@ -236,5 +298,10 @@ uint32_t kvcp_qs_fingerprint(const kvcp_qs *q)
                 }
         }
     }
+    if (q->perms)
+        c = crc32(c, (const Bytef *)q->perms, (uInt)q->perms_bytes);
+    if (q->raw_sz)
+        c = crc32(c, (const Bytef *)q->raw_sz,
+                  (uInt)((size_t)q->g->n_layers * q->g->n_kv * q->g->head_dim * 4));
     return (uint32_t)c;
 }

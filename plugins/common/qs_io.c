@@ -1,17 +1,20 @@
 /*
  * The quantized store's layers in sequence blobs (qstore.h). Per layer,
  * little-endian:
- *   u32 n, n_sink, nq, raw_from
+ *   u32 n, n_sink, kq, vq, kraw_from, vraw_from
  *   i32 positions [n]
  *   sinks: K rows [n_sink][n_kv][d] fp16, then V rows
- *   per Q block b (b * block < nq), rows = tokens of b quantized, per head:
+ *   per Q block b (b * block < vq), per head, with rk and rv the rows of
+ *   b whose key / value is quantized (a per-channel key block: all or
+ *   none):
  *     u32 k_nout, v_nout
- *     K codes [rows or block (per channel)][row_bytes], K scales (channel:
- *     [d][2]; token: [rows][groups][2]) fp16, K outliers [k_nout] (u16 j, c,
- *     value), V codes [rows][row_bytes], V scales [rows][groups][2], V
+ *     K codes [rk][row_bytes], K scales (per channel: [d][2] when rk > 0;
+ *     per token: [rk][groups][2]) fp16, K outliers [k_nout] (u16 j, c,
+ *     value), V codes [rv][row_bytes], V scales [rv][groups][2], V
  *     outliers [v_nout]
- *   raw rows of main tokens [raw_from, main): per token, per head: K row,
- *   V row, fp16 [d] each.
+ *   raw keys of main tokens [kraw_from, main): per token, per head, a raw
+ *   key row (fp16 [d], or 8-bit codes [d]); raw values of [vraw_from,
+ *   main): per token, per head, fp16 [d].
  * Only what the tokens use is written, so equal contents give equal bytes.
  */
 #include <string.h>
@@ -40,53 +43,62 @@ static void w_outs(kvcp_writer *w, const kvck_qout *o, uint32_t n)
     }
 }
 
-/* Rows of block b that are quantized. */
-static uint32_t q_rows(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t b)
+/* Rows of block b whose key (value) is quantized. */
+static uint32_t rows_of(const kvcp_qs *q, uint32_t nq, uint32_t b)
 {
-    uint32_t nq = L->nq < qs_main(L) ? L->nq : qs_main(L);
     uint32_t r = nq > b * q->o.block ? nq - b * q->o.block : 0;
     return r < q->o.block ? r : q->o.block;
+}
+static uint32_t key_rows(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t b)
+{
+    uint32_t r = rows_of(q, L->kq, b);
+    return q->o.k_mode == KVCK_QS_CHANNEL && r ? q->o.block : r;
+}
+static size_t key_scales(const kvcp_qs *q, const kvck_qfmt *f, uint32_t rk)
+{
+    return q->o.k_mode == KVCK_QS_CHANNEL ? (rk ? kvck_q_scale_bytes(f, KVCK_QS_CHANNEL, 1) : 0)
+                                          : kvck_q_scale_bytes(f, KVCK_QS_TOKEN, rk);
 }
 
 void kvcp_qs_write(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, kvcp_writer *w)
 {
     const uint32_t B = q->o.block, d = q->g->head_dim, H = q->g->n_kv, m = qs_main(L);
     const kvcp_qs_lfmt *lf = &q->lf[layer];
-    const uint32_t nq = L->nq < m ? L->nq : m;
     kvcp_w_u32(w, L->n);
     kvcp_w_u32(w, L->n_sink);
-    kvcp_w_u32(w, nq);
-    kvcp_w_u32(w, L->raw_from);
+    kvcp_w_u32(w, L->kq);
+    kvcp_w_u32(w, L->vq);
+    kvcp_w_u32(w, L->kraw_from);
+    kvcp_w_u32(w, L->vraw_from);
     for (uint32_t i = 0; i < L->n; i++)
         kvcp_w_i32(w, kvcp_qs_pos(q, L, i));
     if (L->n_sink) {
-        w_u16s(w, qs_sink_k(q, L, 0), (size_t)L->n_sink * q->raw_row);
-        w_u16s(w, qs_sink_v(q, L, 0), (size_t)L->n_sink * q->raw_row);
+        w_u16s(w, qs_sink_k(q, L, 0), (size_t)L->n_sink * q->row);
+        w_u16s(w, qs_sink_v(q, L, 0), (size_t)L->n_sink * q->row);
     }
-    for (uint32_t b = 0; b * B < nq; b++) {
-        const uint32_t rows = q_rows(q, L, b);
+    for (uint32_t b = 0; b * B < L->vq; b++) {
+        const uint32_t rk = key_rows(q, L, b), rv = rows_of(q, L->vq, b);
         for (uint32_t h = 0; h < H; h++) {
             qs_qhead p;
             qs_qhead_at(q, layer, L->blocks[b].q, h, &p);
             const kvck_qfmt *kf = &lf->k[h], *vf = &lf->v[h];
-            const uint32_t krows = q->o.k_mode == KVCK_QS_CHANNEL ? B : rows;
             kvcp_w_u32(w, *p.k_nout);
             kvcp_w_u32(w, *p.v_nout);
-            kvcp_w_bytes(w, p.k_codes, (size_t)krows * kf->row_bytes);
-            w_u16s(w, p.k_sz, kvck_q_scale_bytes(kf, q->o.k_mode, rows) / 2);
+            kvcp_w_bytes(w, p.k_codes, (size_t)rk * kf->row_bytes);
+            w_u16s(w, p.k_sz, key_scales(q, kf, rk) / 2);
             w_outs(w, p.k_out, *p.k_nout);
-            kvcp_w_bytes(w, p.v_codes, (size_t)rows * vf->row_bytes);
-            w_u16s(w, p.v_sz, kvck_q_scale_bytes(vf, KVCK_QS_TOKEN, rows) / 2);
+            kvcp_w_bytes(w, p.v_codes, (size_t)rv * vf->row_bytes);
+            w_u16s(w, p.v_sz, kvck_q_scale_bytes(vf, KVCK_QS_TOKEN, rv) / 2);
             w_outs(w, p.v_out, *p.v_nout);
         }
     }
-    for (uint32_t t = L->raw_from; t < m; t++) {
-        const uint16_t *raw = L->blocks[t / B].raw;
-        for (uint32_t h = 0; h < H; h++) {
-            w_u16s(w, qs_raw_k(q, raw, h) + (size_t)(t % B) * d, d);
-            w_u16s(w, qs_raw_v(q, raw, h) + (size_t)(t % B) * d, d);
-        }
-    }
+    for (uint32_t t = L->kraw_from; t < m; t++)
+        for (uint32_t h = 0; h < H; h++)
+            kvcp_w_bytes(w, qs_rawk(q, &L->blocks[t / B], h) + (size_t)(t % B) * q->rawk_row,
+                         q->rawk_row);
+    for (uint32_t t = L->vraw_from; t < m; t++)
+        for (uint32_t h = 0; h < H; h++)
+            w_u16s(w, qs_rawv(q, &L->blocks[t / B], h) + (size_t)(t % B) * d, d);
 }
 
 /* 1 when every fp16 value of p [n] is finite. */
@@ -110,6 +122,15 @@ static int read_f16(kvcp_reader *r, uint16_t *dst, size_t n)
     return f16_finite(dst, n) ? 0 : -1;
 }
 
+static int read_bytes(kvcp_reader *r, void *dst, size_t n)
+{
+    const uint8_t *src = kvcp_r_view(r, n);
+    if (!src)
+        return -1;
+    memcpy(dst, src, n);
+    return 0;
+}
+
 static int read_outs(kvcp_reader *r, kvck_qout *o, uint32_t n, uint32_t rows, uint32_t d)
 {
     const uint8_t *src = kvcp_r_view(r, (size_t)n * 6);
@@ -126,6 +147,21 @@ static int read_outs(kvcp_reader *r, kvck_qout *o, uint32_t n, uint32_t rows, ui
     return 0;
 }
 
+/* The counts of a layer record are consistent: sinks as the length
+ * implies, kraw_from <= kq <= vq <= main, vraw_from <= vq, at least what
+ * the length quantizes (more is allowed: left by a truncate without
+ * memory), kraw_from <= vraw_from. */
+static int counts_ok(const kvcp_qs *q, uint32_t n, uint32_t n_sink, uint32_t kq, uint32_t vq,
+                     uint32_t kraw, uint32_t vraw)
+{
+    const uint32_t sink = n < q->o.sink ? n : q->o.sink;
+    if (n > q->g->max_positions || n_sink != sink)
+        return 0;
+    const uint32_t m = n - n_sink;
+    return kraw <= kq && kq <= vq && vq <= m && vraw <= vq && kraw <= vraw &&
+           kq >= kvcp_qs_kq_count(q, n) && vq >= kvcp_qs_vq_count(q, n);
+}
+
 kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
                         kvcp_reader *r, char *msg, size_t cap)
 {
@@ -135,16 +171,14 @@ kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, 
     kvc_status st = KVC_OK;
     int32_t *pos = NULL;
     size_t pos_alloc = 0;
-    uint32_t n = kvcp_r_u32(r), n_sink = kvcp_r_u32(r), nq = kvcp_r_u32(r),
-             raw_from = kvcp_r_u32(r);
+    uint32_t n = kvcp_r_u32(r), n_sink = kvcp_r_u32(r), kq = kvcp_r_u32(r), vq = kvcp_r_u32(r),
+             kraw = kvcp_r_u32(r), vraw = kvcp_r_u32(r);
     if (r->err)
         return CORRUPT("import: blob ends at layer %u", layer);
-    const uint32_t sink_want = n < q->o.sink ? n : q->o.sink;
-    if (n > g->max_positions || n_sink != sink_want || nq > n - n_sink || raw_from > nq ||
-        nq < kvcp_qs_q_count(q, n))
-        return CORRUPT("import: layer %u: inconsistent counts (n %u, sinks %u, quantized %u, "
-                       "raw from %u)",
-                       layer, n, n_sink, nq, raw_from);
+    if (!counts_ok(q, n, n_sink, kq, vq, kraw, vraw))
+        return CORRUPT("import: layer %u: inconsistent counts (n %u, sinks %u, quantized keys "
+                       "%u values %u, raw from %u / %u)",
+                       layer, n, n_sink, kq, vq, kraw, vraw);
     if (n == 0)
         return KVC_OK;
     const uint8_t *praw = kvcp_r_view(r, (size_t)n * 4);
@@ -155,17 +189,15 @@ kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, 
         return kvcp_fail(msg, cap, KVC_E_NOMEM, "import: out of memory (layer %u)", layer);
     if ((st = kvcp_import_positions(g, praw, n, layer, pos, msg, cap)))
         goto out;
-    /* Build the layer through append's allocation rules by hand. */
-    const uint32_t m = n - n_sink;
-    const uint32_t nb = (m + B - 1) / B;
+    const uint32_t m = n - n_sink, nb = (m + B - 1) / B;
     if (n_sink) {
         if (!(L->sink_kv = kvcp_alloc(q->host, qs_sink_bytes(q), KVC_USAGE_CACHE)))
             goto nomem;
-        L->sink_pos = (int32_t *)(L->sink_kv + 2 * (size_t)q->o.sink * q->raw_row);
+        L->sink_pos = (int32_t *)(L->sink_kv + 2 * (size_t)q->o.sink * q->row);
         cnt->sink += qs_sink_bytes(q);
         memcpy(L->sink_pos, pos, (size_t)n_sink * sizeof(int32_t));
-        if (read_f16(r, qs_sink_k(q, L, 0), (size_t)n_sink * q->raw_row) ||
-            read_f16(r, qs_sink_v(q, L, 0), (size_t)n_sink * q->raw_row)) {
+        if (read_f16(r, qs_sink_k(q, L, 0), (size_t)n_sink * q->row) ||
+            read_f16(r, qs_sink_v(q, L, 0), (size_t)n_sink * q->row)) {
             CORRUPT("import: layer %u: sink rows damaged or truncated", layer);
             goto out;
         }
@@ -181,9 +213,12 @@ kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, 
     }
     L->n = n;
     L->n_sink = n_sink;
-    L->nq = nq;
-    L->raw_from = raw_from;
+    L->kq = kq;
+    L->vq = vq;
+    L->kraw_from = kraw;
+    L->vraw_from = vraw;
     L->last_pos = pos[n - 1];
+    /* Blocks as an append would have left them. */
     for (uint32_t b = 0; b < nb; b++) {
         kvcp_qs_block *blk = &L->blocks[b];
         const uint32_t cntb = m - b * B < B ? m - b * B : B;
@@ -199,59 +234,58 @@ kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, 
             cnt->pos += (size_t)B * sizeof(int32_t);
             memcpy(blk->pos, bp, (size_t)cntb * sizeof(int32_t));
         }
-        if (b * B < nq) {
+        if (b * B < vq) {
             if (!(blk->q = kvcp_alloc(q->host, lf->q_bytes, KVC_USAGE_CACHE)))
                 goto nomem;
             cnt->q += lf->q_bytes;
         }
-        if (b * B + cntb > raw_from) { /* holds a token with a raw row */
-            if (!(blk->raw = kvcp_alloc(q->host, q->raw_bytes, KVC_USAGE_CACHE)))
+        if (b * B + cntb > kraw) { /* holds a token with a raw key */
+            if (!(blk->rawk = kvcp_alloc(q->host, q->rawk_bytes, KVC_USAGE_CACHE)))
                 goto nomem;
-            cnt->raw += q->raw_bytes;
+            cnt->raw += q->rawk_bytes;
+        }
+        if (b * B + cntb > vraw) {
+            if (!(blk->rawv = kvcp_alloc(q->host, q->rawv_bytes, KVC_USAGE_CACHE)))
+                goto nomem;
+            cnt->raw += q->rawv_bytes;
         }
     }
-    for (uint32_t b = 0; b * B < nq; b++) {
-        const uint32_t rows = q_rows(q, L, b);
+    for (uint32_t b = 0; b * B < vq; b++) {
+        const uint32_t rk = key_rows(q, L, b), rv = rows_of(q, vq, b);
         for (uint32_t h = 0; h < H; h++) {
             qs_qhead p;
             qs_qhead_at(q, layer, L->blocks[b].q, h, &p);
             const kvck_qfmt *kf = &lf->k[h], *vf = &lf->v[h];
-            const uint32_t krows = q->o.k_mode == KVCK_QS_CHANNEL ? B : rows;
             *p.k_nout = kvcp_r_u32(r);
             *p.v_nout = kvcp_r_u32(r);
-            const uint8_t *kc = kvcp_r_view(r, (size_t)krows * kf->row_bytes);
-            if (r->err || *p.k_nout > lf->k_out_cap || *p.v_nout > lf->v_out_cap || !kc) {
-                CORRUPT("import: layer %u block %u: bad outlier counts or truncated", layer, b);
-                goto out;
-            }
-            memcpy(p.k_codes, kc, (size_t)krows * kf->row_bytes);
-            if (read_f16(r, p.k_sz, kvck_q_scale_bytes(kf, q->o.k_mode, rows) / 2) ||
-                read_outs(r, p.k_out, *p.k_nout, krows, d)) {
-                CORRUPT("import: layer %u block %u: key scales or outliers damaged", layer, b);
-                goto out;
-            }
-            const uint8_t *vc = kvcp_r_view(r, (size_t)rows * vf->row_bytes);
-            if (!vc) {
-                CORRUPT("import: layer %u block %u: truncated", layer, b);
-                goto out;
-            }
-            memcpy(p.v_codes, vc, (size_t)rows * vf->row_bytes);
-            if (read_f16(r, p.v_sz, kvck_q_scale_bytes(vf, KVCK_QS_TOKEN, rows) / 2) ||
-                read_outs(r, p.v_out, *p.v_nout, rows, d)) {
-                CORRUPT("import: layer %u block %u: value scales or outliers damaged", layer, b);
+            if (r->err || *p.k_nout > lf->k_out_cap || *p.v_nout > lf->v_out_cap ||
+                read_bytes(r, p.k_codes, (size_t)rk * kf->row_bytes) ||
+                read_f16(r, p.k_sz, key_scales(q, kf, rk) / 2) ||
+                read_outs(r, p.k_out, *p.k_nout, rk, d) ||
+                read_bytes(r, p.v_codes, (size_t)rv * vf->row_bytes) ||
+                read_f16(r, p.v_sz, kvck_q_scale_bytes(vf, KVCK_QS_TOKEN, rv) / 2) ||
+                read_outs(r, p.v_out, *p.v_nout, rv, d)) {
+                CORRUPT("import: layer %u block %u head %u: quantized rows damaged or truncated",
+                        layer, b, h);
                 goto out;
             }
         }
     }
-    for (uint32_t t = raw_from; t < m; t++) {
-        uint16_t *raw = L->blocks[t / B].raw;
-        for (uint32_t h = 0; h < H; h++)
-            if (read_f16(r, qs_raw_k(q, raw, h) + (size_t)(t % B) * d, d) ||
-                read_f16(r, qs_raw_v(q, raw, h) + (size_t)(t % B) * d, d)) {
-                CORRUPT("import: layer %u: raw rows damaged or truncated", layer);
+    for (uint32_t t = kraw; t < m; t++)
+        for (uint32_t h = 0; h < H; h++) {
+            uint8_t *dst = qs_rawk(q, &L->blocks[t / B], h) + (size_t)(t % B) * q->rawk_row;
+            int bad = q->raw_sz ? read_bytes(r, dst, q->rawk_row) : read_f16(r, (uint16_t *)dst, d);
+            if (bad) {
+                CORRUPT("import: layer %u: raw keys damaged or truncated", layer);
                 goto out;
             }
-    }
+        }
+    for (uint32_t t = vraw; t < m; t++)
+        for (uint32_t h = 0; h < H; h++)
+            if (read_f16(r, qs_rawv(q, &L->blocks[t / B], h) + (size_t)(t % B) * d, d)) {
+                CORRUPT("import: layer %u: raw values damaged or truncated", layer);
+                goto out;
+            }
     goto out;
 nomem:
     st = kvcp_fail(msg, cap, KVC_E_NOMEM, "import: out of memory (layer %u)", layer);

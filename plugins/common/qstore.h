@@ -1,37 +1,39 @@
 /*
  * qstore.h -- the quantized token store every caching plugin can hold its
- * keys and values in (full today; the calibrated quantizer and the
- * low-rank latents next). Internal (prefix kvcp_qs_), linked hidden.
+ * keys and values in (full, fastgen's rows, the calibrated quantizer).
+ * Internal (prefix kvcp_qs_), linked hidden.
  *
- * One layer of one sequence holds its tokens in three forms, in token
- * order:
- *   SINKS   the first `sink` tokens, fp16, for good (attention sinks);
- *   MAIN    every later token, in blocks of `block` tokens. A main token is
- *           QUANTIZED once its quantization group is complete and it is
- *           older than the newest `window` tokens: per-token groups (values;
- *           keys in token mode) are complete at once, a per-channel key
- *           group is a whole block. Until then it is RAW (fp16).
- * Quantized tokens live in Q blocks (codes, fp16 scales and zero points,
- * exact outliers); raw ones in RAW blocks (fp16 K and V). Both are indexed
- * by the same block number, so a block can hold both forms for a while.
+ * One layer of one sequence holds its tokens in token order as
+ *   SINKS   the first `sink` tokens, fp16 keys (post-RoPE) and values, for
+ *           good (attention sinks);
+ *   MAIN    every later token, in blocks of `block` tokens, its key and its
+ *           value each either QUANTIZED (codes, fp16 scales and zero
+ *           points, exact outliers, in the block's Q part) or RAW (the
+ *           block's raw key rows: fp16, or 8-bit codes on fixed per-channel
+ *           scales when the configuration has them; raw value rows: fp16).
+ * A value is quantized once it is older than the newest `window` tokens;
+ * a key likewise and, when keys are scaled per channel over a block, once
+ * its block is complete. So keys[0, kq) and values[0, vq) are quantized,
+ * kq <= vq.
  *
- * Quantization always reads the raw fp16 rows (never the caller's floats),
- * so the result does not depend on how appends were batched. A token is
- * quantized in the append that makes it quantizable; its raw copy stays
+ * Quantization always reads the raw rows (never the caller's floats), so
+ * the result does not depend on how appends were batched. A row is
+ * quantized by the append that makes it quantizable; its raw copy stays
  * PENDING until an attend covers the last appended position, because the
  * batch's earlier queries must still see it raw (the step rule,
- * KVC-REQ-1): a query at index t sees tokens quantized at time t in their
- * quantized form and the others raw. That is done with two passes of the
- * streaming kernel whose per-query bounds (kvck_attn_bounds) split the
- * tokens at the query's cut. After the covering attend the pending raw
- * copies are freed; later queries at older positions see the cache as it
- * is then, restricted to their positions (as FastGen's).
+ * KVC-REQ-1): a query at index t sees each key and value in the form it
+ * had at time t. The streaming kernel does that in three passes whose
+ * per-query bounds (kvck_attn_bounds) split the tokens at the query's two
+ * cuts (both forms quantized / key raw, value quantized / both raw). After
+ * the covering attend pending copies are freed; later queries at older
+ * positions see the cache as it is then, restricted to their positions.
  *
- * Keys are stored after RoPE (and after an optional Hadamard rotation,
- * queries rotated alike) or, with `k_pre`, before RoPE: then a key block is
- * dequantized, rotated from a cos/sin table and scored as f32. Values may
- * be Hadamard-rotated too; the attention output is rotated back once per
- * query.
+ * Keys are quantized after RoPE (and after an optional Hadamard rotation,
+ * queries rotated alike) or, with `k_pre`, before RoPE: a key block is
+ * then dequantized, rotated from a cos/sin table and scored as f32, which
+ * also allows a channel permutation (calibrated per-channel widths). Values
+ * may be Hadamard-rotated or permuted; the attention output is taken back
+ * once per query.
  *
  * Every byte goes through the host allocator and is counted in a
  * kvcp_qs_bytes.
@@ -45,9 +47,9 @@
 
 /* What a store is asked to be (validated by kvcp_qs_init). */
 typedef struct kvcp_qs_opts {
-    uint32_t block;     /* tokens per block (raw and quantized) */
+    uint32_t block;     /* tokens per block (raw and quantized), <= 256 */
     uint32_t sink;      /* first tokens kept in fp16 */
-    uint32_t window;    /* newest tokens kept in fp16 */
+    uint32_t window;    /* newest tokens kept raw */
     int k_mode;         /* KVCK_QS_CHANNEL (per channel over a block) or KVCK_QS_TOKEN */
     int k_pre;          /* 1: keys quantized before RoPE */
     int k_hadamard;     /* rotate keys (post-RoPE only) and queries */
@@ -60,6 +62,16 @@ typedef struct kvcp_qs_opts {
      * Copied. */
     const kvck_qfmt *k_fmt_all, *v_fmt_all;
     const kvck_qfmt *k_fmt, *v_fmt;
+    /* Optional, per layer and head ([n_layers][n_kv][d], copied): the
+     * channel order codes are stored in (perm[i] = the natural channel at
+     * stored position i), so channels of one width sit in one segment.
+     * Keys only with k_pre; neither with the Hadamard rotation. */
+    const uint16_t *k_perm, *v_perm;
+    /* Optional, [n_layers][n_kv][d][2] fp16 (scale, zero) per channel,
+     * copied: raw keys (pre-RoPE, natural order) are then 8-bit codes on
+     * these fixed scales instead of fp16 (values outside clamp). k_pre
+     * only. */
+    const uint16_t *k_raw_sz;
 } kvcp_qs_opts;
 
 /* Where one head's data sits inside a layer's Q block. */
@@ -70,6 +82,8 @@ typedef struct kvcp_qs_head {
 /* Per layer: formats and the Q block layout. */
 typedef struct kvcp_qs_lfmt {
     const kvck_qfmt *k, *v;   /* [n_kv] */
+    const uint16_t *k_perm, *v_perm; /* [n_kv][d] or NULL */
+    const uint16_t *k_raw_sz; /* [n_kv][d][2] or NULL */
     uint32_t k_out_cap, v_out_cap; /* outliers a block can hold, per head */
     size_t q_bytes;           /* one Q block */
     kvcp_qs_head *head;       /* [n_kv] */
@@ -84,11 +98,17 @@ typedef struct kvcp_qs {
     uint32_t n_fmts;
     kvcp_qs_lfmt *lf;         /* [n_layers] */
     kvcp_qs_head *heads;      /* [n_layers * n_kv] */
+    uint16_t *perms;          /* owned k_perm then v_perm copies, or NULL */
+    size_t perms_bytes;
+    uint16_t *raw_sz;         /* owned k_raw_sz copy, or NULL */
+    kvck_qfmt raw8;           /* 8 bits per channel, one group: raw keys on raw_sz */
     float *k_signs, *v_signs; /* [head_dim] or NULL */
     float *rope_table;        /* k_pre: kvck_rope_table [max_positions] */
     size_t rope_table_bytes;
-    size_t raw_bytes;         /* one raw block: K and V fp16 [n_kv][block][d] each */
-    size_t raw_row;           /* fp16 values of one token's K (or V): n_kv * d */
+    size_t rawk_row;          /* bytes of one raw key row: d * 2 (fp16) or d (8-bit) */
+    size_t rawk_bytes;        /* one block's raw keys [n_kv][block][rawk_row] */
+    size_t rawv_bytes;        /* one block's raw values fp16 [n_kv][block][d] */
+    size_t row;               /* values of one token's K (or V): n_kv * d */
     uint64_t param_bytes;     /* everything above, at the allocator */
 } kvcp_qs;
 
@@ -96,18 +116,20 @@ typedef struct kvcp_qs {
 typedef struct kvcp_qs_block {
     int32_t pos0;    /* position of its first token */
     int32_t *pos;    /* [block] positions, or NULL while contiguous */
-    uint16_t *raw;   /* K then V, fp16 [2][n_kv][block][d], or NULL */
+    uint8_t *rawk;   /* raw keys [n_kv][block][rawk_row], or NULL */
+    uint16_t *rawv;  /* raw values fp16 [n_kv][block][d], or NULL */
     uint8_t *q;      /* the layer's Q block layout, or NULL */
 } kvcp_qs_block;
 
-/* One layer of one sequence. */
+/* One layer of one sequence. Main tokens [0, main) with main = n - n_sink. */
 typedef struct kvcp_qs_layer {
     uint32_t n;           /* tokens appended (sinks included) */
     uint32_t n_sink;      /* sink tokens held: min(n, sink) */
-    uint32_t nq;          /* main tokens quantized */
-    uint32_t raw_from;    /* main tokens [raw_from, n - n_sink) have raw rows */
+    uint32_t kq, vq;      /* main tokens whose key / value is quantized (kq <= vq) */
+    uint32_t kraw_from;   /* main tokens [kraw_from, main) have raw keys (kraw_from <= kq) */
+    uint32_t vraw_from;   /* likewise values (kraw_from <= vraw_from <= vq) */
     int32_t last_pos;     /* -1 when empty */
-    uint16_t *sink_kv;    /* K then V fp16 [2][sink][n_kv][d], or NULL */
+    uint16_t *sink_kv;    /* K then V fp16 [2][sink][n_kv][d], then positions, or NULL */
     int32_t *sink_pos;    /* [sink] */
     kvcp_qs_block *blocks; /* [cap_blocks] */
     uint32_t n_blocks, cap_blocks;
@@ -115,7 +137,7 @@ typedef struct kvcp_qs_layer {
 
 /* Bytes a sequence's layers hold at the allocator, by kind. */
 typedef struct kvcp_qs_bytes {
-    uint64_t raw;    /* raw blocks */
+    uint64_t raw;    /* raw key and value rows */
     uint64_t q;      /* Q blocks */
     uint64_t sink;   /* sink areas (K, V, positions) */
     uint64_t pos;    /* per-token position arrays of blocks */
@@ -170,8 +192,10 @@ uint64_t kvcp_qs_seq_overhead(const kvcp_qs *q);
  * refused. */
 uint32_t kvcp_qs_fingerprint(const kvcp_qs *q);
 
-/* Main tokens quantized once a layer holds n tokens (sinks included). */
-uint32_t kvcp_qs_q_count(const kvcp_qs *q, uint32_t n);
+/* Main tokens whose key / value is quantized once a layer holds n tokens
+ * (sinks included). */
+uint32_t kvcp_qs_kq_count(const kvcp_qs *q, uint32_t n);
+uint32_t kvcp_qs_vq_count(const kvcp_qs *q, uint32_t n);
 
 /* ---- one layer (qs_store.c) ------------------------------------------------- */
 
@@ -186,9 +210,12 @@ size_t kvcp_qs_append_scratch_floats(const kvcp_qs *q, uint32_t n);
 /* Frees the raw copies of quantized tokens (after an attend covering the
  * last appended position). */
 void kvcp_qs_drop_pending(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt);
-/* Keeps tokens with position < p. Quantized tokens that would not be
+/* Keeps tokens with position < p. Quantized rows that would not be
  * quantized at the new length (a per-channel block cut short, the window)
- * go back to raw as their dequantized values: not exact, documented. */
+ * go back to raw as their dequantized values: not exact, documented. When
+ * the memory for that cannot be had they stay quantized (the layer then
+ * holds more quantized rows than its length implies, which every path
+ * allows). */
 void kvcp_qs_truncate(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
                       int32_t p);
 void kvcp_qs_release(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer);
@@ -199,10 +226,10 @@ kvc_status kvcp_qs_copy(const kvcp_qs *q, const kvcp_qs_layer *src, kvcp_qs_laye
 int32_t kvcp_qs_pos(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t i);
 /* Tokens with position <= p. */
 uint32_t kvcp_qs_count_upto(const kvcp_qs *q, const kvcp_qs_layer *L, int32_t p);
-/* Bytes of pending raw rows (raw copies of quantized tokens). */
+/* Bytes of pending raw rows (raw copies of quantized keys and values). */
 uint64_t kvcp_qs_pending_bytes(const kvcp_qs *q, const kvcp_qs_layer *L);
-/* Bytes of payload a layer holds for its tokens: codes and outlier values
- * of quantized tokens, fp16 rows of raw and sink tokens. */
+/* Bytes of payload a layer holds for its tokens: codes of quantized rows,
+ * raw rows (live and pending), sink rows. */
 uint64_t kvcp_qs_payload_bytes(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer);
 
 /* ---- attention and expansion (qs_attend.c) ------------------------------------ */
