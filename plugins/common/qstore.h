@@ -257,4 +257,35 @@ void kvcp_qs_write(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, kvc
 kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
                         kvcp_reader *r, char *msg, size_t cap);
 
+/* ---- a whole sequence (qs_seq.c) ------------------------------------------------- */
+
+/* A sequence's layers in the store; the plugin's struct kvc_seq holds one.
+ * The functions take the sequence's KVCP_MSG_SIZE message buffer and write
+ * the reason there on error; their contracts are the ABI's. */
+typedef struct kvcp_qs_seq {
+    kvcp_qs_layer *layers; /* [n_layers] */
+    kvcp_qs_bytes bytes;
+} kvcp_qs_seq;
+
+kvc_status kvcp_qss_init(const kvcp_qs *q, kvcp_qs_seq *s); /* NOMEM only */
+void kvcp_qss_free(const kvcp_qs *q, kvcp_qs_seq *s);
+/* Bytes of the layer array (part of a sequence's fixed bytes). */
+size_t kvcp_qss_fixed_bytes(const kvcp_qs *q);
+kvc_status kvcp_qss_append(const kvcp_qs *q, kvcp_qs_seq *s, uint32_t layer, uint32_t n,
+                           const int32_t *positions, const void *k_pre, const void *v, char *msg);
+kvc_status kvcp_qss_attend(const kvcp_qs *q, kvcp_qs_seq *s, uint32_t layer, uint32_t n_q,
+                           const int32_t *positions, const void *q_pre, void *out, char *msg);
+kvc_status kvcp_qss_materialize(const kvcp_qs *q, kvcp_qs_seq *s, uint32_t layer,
+                                kvc_materialized *out, char *msg);
+void kvcp_qss_truncate(const kvcp_qs *q, kvcp_qs_seq *s, int32_t position);
+/* dst = independent copy of src; NOMEM leaves dst unchanged (msg: dst's). */
+kvc_status kvcp_qss_fork(const kvcp_qs *q, const kvcp_qs_seq *src, kvcp_qs_seq *dst, char *msg);
+/* Fills st's fields (fixed = the plugin's own per-sequence bytes). */
+void kvcp_qss_stats(const kvcp_qs *q, const kvcp_qs_seq *s, uint64_t fixed, kvc_seq_stats *st);
+/* Sequence blob payload after the plugin's own header: the store's
+ * fingerprint, then every layer (kvcp_qs_write). Read refuses a blob of
+ * other settings (INVALID) or damaged (CORRUPT); s unchanged on error. */
+void kvcp_qss_write(const kvcp_qs *q, const kvcp_qs_seq *s, kvcp_writer *w);
+kvc_status kvcp_qss_read(const kvcp_qs *q, kvcp_qs_seq *s, kvcp_reader *r, char *msg);
+
 #endif /* KVCP_QSTORE_H */

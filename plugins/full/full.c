@@ -114,7 +114,7 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
         }
         in->quant = 1;
         in->kv_ratio = kvcp_qs_token_ratio(&in->qs);
-        in->seq_overhead = sizeof(struct kvc_seq) + (uint64_t)g.n_layers * sizeof(kvcp_qs_layer) +
+        in->seq_overhead = sizeof(struct kvc_seq) + kvcp_qss_fixed_bytes(&in->qs) +
                            kvcp_qs_seq_overhead(&in->qs);
         if (v[OPT_KV_RATIO].set && v[OPT_KV_RATIO].num < in->kv_ratio) {
             kvcp_fail(msg, msg_size, KVC_E_INVALID,
@@ -135,7 +135,7 @@ static void seq_free(kvc_seq *s)
     kvc_instance *in = s->inst;
     full_layers_release(in, s->layers, &s->bytes);
     kvcp_free(&in->host, s->layers, (size_t)in->g.n_layers * sizeof(kvcp_pages));
-    full_q_seq_free(s);
+    kvcp_qss_free(&in->qs, &s->q);
     kvcp_free(&in->host, s, sizeof *s);
 }
 
@@ -219,7 +219,7 @@ static kvc_status full_seq_open(kvc_instance *in, kvc_seq **out)
         return KVC_E_NOMEM;
     s->inst = in;
     if (in->quant) {
-        if (full_q_seq_init(s)) {
+        if (kvcp_qss_init(&in->qs, &s->q)) {
             kvcp_free(&in->host, s, sizeof *s);
             return KVC_E_NOMEM;
         }
@@ -262,7 +262,7 @@ static kvc_status full_seq_stats(const kvc_seq *s, kvc_seq_stats *out)
     const kvc_instance *in = s->inst;
     kvc_seq_stats st = {0};
     if (in->quant) {
-        full_q_stats(s, &st);
+        kvcp_qss_stats(&in->qs, &s->q, sizeof(struct kvc_seq), &st);
         kvcp_stats_out(out, &st, sizeof st);
         return KVC_OK;
     }
@@ -311,7 +311,7 @@ static kvc_status full_seq_describe(const kvc_seq *s, uint32_t layer, char *buf,
     if (layer >= in->g.n_layers)
         return kvcp_fail(msg, KVCP_MSG_SIZE, KVC_E_INVALID,
                          "describe: layer %u out of range (%u layers)", layer, in->g.n_layers);
-    full_describe_ctx c = {in, in->quant ? full_q_tokens(s, layer) : s->layers[layer].n};
+    full_describe_ctx c = {in, in->quant ? s->q.layers[layer].n : s->layers[layer].n};
     return kvcp_describe(in->g.n_kv, full_describe_line, &c, buf, buf_size, size, msg,
                          KVCP_MSG_SIZE);
 }

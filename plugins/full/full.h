@@ -29,8 +29,7 @@ struct kvc_seq {
     kvc_instance *inst;
     kvcp_pages *layers;          /* [n_layers], dtype storage (inst->quant == 0) */
     kvcp_page_bytes bytes;       /* allocated blocks, position arrays, tables */
-    kvcp_qs_layer *qlayers;      /* [n_layers], quantized storage (inst->quant) */
-    kvcp_qs_bytes qbytes;
+    kvcp_qs_seq q;               /* quantized storage (inst->quant) */
     char msg[KVCP_MSG_SIZE];
 };
 
@@ -89,21 +88,6 @@ kvc_status full_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *
 kvc_status full_attend_batch(kvc_instance *inst, uint32_t layer, uint32_t n_items,
                              const kvc_attend_item *const *items);
 kvc_status full_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out);
-
-/* full_quant.c: the same operations on the quantized store (inst->quant). */
-kvc_status full_q_seq_init(kvc_seq *s);
-void full_q_seq_free(kvc_seq *s);
-kvc_status full_q_append(kvc_seq *s, uint32_t layer, uint32_t n, const int32_t *positions,
-                         const void *k_pre, const void *v);
-kvc_status full_q_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *positions,
-                         const void *q_pre, void *out);
-kvc_status full_q_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out);
-void full_q_truncate(kvc_seq *s, int32_t position);
-kvc_status full_q_fork(const kvc_seq *src, kvc_seq *dst);
-void full_q_stats(const kvc_seq *s, kvc_seq_stats *st);
-uint32_t full_q_tokens(const kvc_seq *s, uint32_t layer);
-void full_q_write(const kvc_seq *s, kvcp_writer *w);
-kvc_status full_q_read(kvc_seq *s, kvcp_reader *r);
 
 /* full_io.c */
 kvc_status full_export(kvc_seq *s, void *buf, size_t buf_size, size_t *size);

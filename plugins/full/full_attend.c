@@ -141,7 +141,7 @@ kvc_status full_attend(kvc_seq *s, uint32_t layer, uint32_t n_q, const int32_t *
         return st;
     const kvc_instance *in = s->inst;
     if (in->quant)
-        return full_q_attend(s, layer, n_q, positions, q_pre, out);
+        return kvcp_qss_attend(&in->qs, &s->q, layer, n_q, positions, q_pre, out, s->msg);
     size_t bytes = scratch_floats(in, n_q) * sizeof(float);
     float *base = kvcp_alloc(&in->host, bytes, KVC_USAGE_SCRATCH);
     if (!base)
@@ -167,7 +167,9 @@ kvc_status full_attend_batch(kvc_instance *in, uint32_t layer, uint32_t n_items,
         /* Each item in order, as the contract says attend_batch equals. */
         for (uint32_t i = 0; i < n_items; i++) {
             const kvc_attend_item *it = items[i];
-            if ((st = full_q_attend(it->seq, layer, it->n_q, it->positions, it->q_pre, it->out)))
+            kvc_seq *s = it->seq;
+            if ((st = kvcp_qss_attend(&in->qs, &s->q, layer, it->n_q, it->positions, it->q_pre,
+                                      it->out, s->msg)))
                 return st;
         }
         return KVC_OK;
@@ -199,7 +201,7 @@ kvc_status full_materialize(kvc_seq *s, uint32_t layer, kvc_materialized *out)
     if (st)
         return st;
     if (in->quant)
-        return full_q_materialize(s, layer, out);
+        return kvcp_qss_materialize(&in->qs, &s->q, layer, out, s->msg);
     const kvcp_pages *L = &s->layers[layer];
     if (out->positions && out->capacity < L->n)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_BUFFER,

@@ -24,8 +24,7 @@ static void write_payload(void *ctx, kvcp_writer *w)
     kvcp_geom_write(w, g);
     if (in->quant) {
         kvcp_w_u32(w, FULL_QUANT);
-        kvcp_w_u32(w, kvcp_qs_fingerprint(&in->qs));
-        full_q_write(s, w);
+        kvcp_qss_write(&in->qs, &s->q, w);
         return;
     }
     kvcp_w_u32(w, (uint32_t)in->dtype);
@@ -136,18 +135,8 @@ kvc_status full_import(kvc_seq *s, const void *blob, size_t size)
                          "import: blob holds %s storage, this instance %s",
                          dtype == FULL_QUANT ? "quantized" : "fp32/fp16",
                          in->quant ? "quantizes" : "does not quantize");
-    if (in->quant) {
-        uint32_t fp = kvcp_r_u32(&r);
-        if (r.err)
-            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_CORRUPT,
-                             "import: blob ends before the storage fingerprint");
-        if (fp != kvcp_qs_fingerprint(&in->qs))
-            return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
-                             "import: blob was made with other quantization settings "
-                             "(fingerprint %08x, this instance %08x)",
-                             fp, kvcp_qs_fingerprint(&in->qs));
-        return full_q_read(s, &r);
-    }
+    if (in->quant)
+        return kvcp_qss_read(&in->qs, &s->q, &r, s->msg);
     if (dtype != (uint32_t)in->dtype)
         return kvcp_fail(s->msg, sizeof s->msg, KVC_E_INVALID,
                          "import: blob holds %s values, this instance stores %s",

@@ -70,7 +70,7 @@ kvc_status full_append(kvc_seq *s, uint32_t layer, uint32_t n, const int32_t *po
         return KVC_E_INVALID;
     const kvc_instance *in = s->inst;
     if (in->quant)
-        return full_q_append(s, layer, n, positions, k_pre, v);
+        return kvcp_qss_append(&in->qs, &s->q, layer, n, positions, k_pre, v, s->msg);
     const kvcp_geom *g = &in->g;
     kvc_status st = kvcp_pages_check_append(g, s->layers, layer, n, positions, k_pre, v, s->msg,
                                             sizeof s->msg);
@@ -99,7 +99,7 @@ kvc_status full_truncate(kvc_seq *s, int32_t position)
         return KVC_E_INVALID;
     const kvc_instance *in = s->inst;
     if (in->quant) {
-        full_q_truncate(s, position);
+        kvcp_qss_truncate(&in->qs, &s->q, position);
         return KVC_OK;
     }
     kvcp_page_fmt f = full_page_fmt(in);
@@ -119,7 +119,7 @@ kvc_status full_fork(const kvc_seq *src, kvc_seq *dst)
         return kvcp_fail(dst->msg, sizeof dst->msg, KVC_E_INVALID,
                          "fork: source and destination belong to different instances");
     if (in->quant)
-        return full_q_fork(src, dst);
+        return kvcp_qss_fork(&in->qs, &src->q, &dst->q, dst->msg);
     size_t layers_bytes = (size_t)in->g.n_layers * sizeof(kvcp_pages);
     kvcp_pages *copy = kvcp_alloc(&in->host, layers_bytes, KVC_USAGE_CACHE);
     kvcp_page_bytes cnt = {0, 0, 0};
