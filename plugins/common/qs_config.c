@@ -182,12 +182,12 @@ kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
         if (o->k_hadamard) {
             if (!(q->k_signs = kvcp_alloc(host, d * sizeof(float), KVC_USAGE_INSTANCE)))
                 goto nomem;
-            kvck_hadamard_signs(q->k_signs, d, o->seed ^ UINT64_C(0x4b4b4b4b));
+            kvcp_qs_hadamard_signs(o->seed, 0, q->k_signs, d);
         }
         if (o->v_hadamard) {
             if (!(q->v_signs = kvcp_alloc(host, d * sizeof(float), KVC_USAGE_INSTANCE)))
                 goto nomem;
-            kvck_hadamard_signs(q->v_signs, d, o->seed ^ UINT64_C(0x56565656));
+            kvcp_qs_hadamard_signs(o->seed, 1, q->v_signs, d);
         }
     }
     if (o->k_pre && g->rope_style != KVC_ROPE_NONE) {
@@ -211,18 +211,36 @@ nomem:
     return kvcp_fail(msg, cap, KVC_E_NOMEM, "out of memory for the quantized store's parameters");
 }
 
+void kvcp_qs_hadamard_signs(uint64_t seed, int kv, float *signs, uint32_t d)
+{
+    kvck_hadamard_signs(signs, d, seed ^ (kv ? UINT64_C(0x56565656) : UINT64_C(0x4b4b4b4b)));
+}
+
+size_t kvcp_qs_block_bytes(const kvck_qfmt *kf, const kvck_qfmt *vf, uint32_t n_kv, int k_mode,
+                           uint32_t block, double k_outliers, double v_outliers)
+{
+    const uint32_t d = kf[0].d;
+    const uint32_t k_cap = out_cap(k_outliers, block, d), v_cap = out_cap(v_outliers, block, d);
+    size_t at = 0;
+    kvcp_qs_head hd;
+    for (uint32_t h = 0; h < n_kv; h++)
+        at = head_layout(&kf[h], &vf[h], k_mode, block, k_cap, v_cap, at, &hd);
+    return at;
+}
+
+double kvcp_qs_ratio_of(const kvcp_geom *g, size_t q_bytes, uint32_t block)
+{
+    double meta = sizeof(int32_t) + 2.0 * sizeof(kvcp_qs_block) / block;
+    return ((double)q_bytes / block + meta) / (double)kvcp_fp16_bytes_per_token_layer(g);
+}
+
 double kvcp_qs_token_ratio(const kvcp_qs *q)
 {
     const kvcp_geom *g = q->g;
-    double worst = 0;
-    for (uint32_t l = 0; l < g->n_layers; l++) {
-        double b = (double)q->lf[l].q_bytes / q->o.block;
-        worst = b > worst ? b : worst;
-    }
-    /* A position per token when positions have gaps; the block table
-     * doubles, so two entries per block. */
-    double meta = sizeof(int32_t) + 2.0 * sizeof(kvcp_qs_block) / q->o.block;
-    return (worst + meta) / (double)kvcp_fp16_bytes_per_token_layer(g);
+    size_t worst = 0;
+    for (uint32_t l = 0; l < g->n_layers; l++)
+        worst = q->lf[l].q_bytes > worst ? q->lf[l].q_bytes : worst;
+    return kvcp_qs_ratio_of(g, worst, q->o.block);
 }
 
 uint64_t kvcp_qs_seq_overhead(const kvcp_qs *q)

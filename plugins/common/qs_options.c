@@ -74,7 +74,7 @@ kvc_status kvcp_qs_opts_parse(const kvcp_optval *v, const kvcp_geom *g, uint32_t
     o->sink = (uint32_t)v[KVCP_QS_OPT_SINK].num;
     o->window = (uint32_t)v[KVCP_QS_OPT_WINDOW].num;
     o->k_outliers = o->v_outliers = v[KVCP_QS_OPT_OUTLIERS].num;
-    o->seed = UINT64_C(0x6b7663717374);
+    o->seed = KVCP_QS_SEED;
     switch ((int)v[KVCP_QS_OPT_HADAMARD].num) {
     case 0: /* auto */
         o->v_hadamard = 1;

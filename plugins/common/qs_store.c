@@ -524,8 +524,11 @@ kvc_status kvcp_qs_append(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
     if (pl.kq_new > pl.kq_old) {
         uint32_t from = pl.kq_old;
         if (q->o.k_mode == KVCK_QS_CHANNEL && from % B) {
-            dequantize_to_raw(q, L, layer, 0, from / B * B, from, qscr);
-            from = from / B * B;
+            /* Rows still holding their raw copy keep it. */
+            const uint32_t b0 = from / B * B, upto = L->kraw_from < from ? L->kraw_from : from;
+            if (upto > b0)
+                dequantize_to_raw(q, L, layer, 0, b0, upto, qscr);
+            from = b0;
         }
         qs_quantize_keys(q, L, layer, from, pl.kq_new, qscr);
         L->kq = pl.kq_new;
@@ -610,35 +613,6 @@ static void trim_outliers(const kvck_qout *out, uint32_t *cnt, uint32_t rows)
         (*cnt)--;
 }
 
-/* Rebuilds the raw keys (kv 0) or values (kv 1) of main tokens [lo, hi)
- * from their quantized rows, allocating raw blocks where needed. 0, or -1
- * (out of memory: nothing rebuilt; raw blocks allocated meanwhile are
- * counted, and hold nothing valid). */
-static int rebuild_raw(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
-                       int kv, uint32_t lo, uint32_t hi)
-{
-    if (lo >= hi)
-        return 0;
-    const uint32_t B = q->o.block;
-    const size_t bytes = kv ? q->rawv_bytes : q->rawk_bytes;
-    for (uint32_t b = lo / B; b * B < hi; b++) {
-        kvcp_qs_block *blk = &L->blocks[b];
-        void **slot = kv ? (void **)&blk->rawv : (void **)&blk->rawk;
-        if (*slot)
-            continue;
-        if (!(*slot = kvcp_alloc(q->host, bytes, KVC_USAGE_CACHE)))
-            return -1;
-        cnt->raw += bytes;
-    }
-    const size_t sbytes = qs_quant_scratch_floats(q) * sizeof(float);
-    float *scr = kvcp_alloc(q->host, sbytes, KVC_USAGE_SCRATCH);
-    if (!scr)
-        return -1;
-    dequantize_to_raw(q, L, layer, kv, lo, hi, scr);
-    kvcp_free(q->host, scr, sbytes);
-    return 0;
-}
-
 void kvcp_qs_truncate(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
                       int32_t p)
 {
@@ -648,28 +622,16 @@ void kvcp_qs_truncate(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, ui
         return;
     const uint32_t sink_new = c < q->o.sink ? c : q->o.sink;
     const uint32_t main_new = c - sink_new;
-    const uint32_t kq_t = kvcp_qs_kq_count(q, c), vq_t = kvcp_qs_vq_count(q, c);
-    uint32_t kq = L->kq < main_new ? L->kq : main_new, vq = L->vq < main_new ? L->vq : main_new;
-    uint32_t kraw = L->kraw_from < main_new ? L->kraw_from : main_new;
-    uint32_t vraw = L->vraw_from < main_new ? L->vraw_from : main_new;
-    /* Rows quantized that are raw at this length go back to raw as their
-     * dequantized values: those from k/vraw on still have their raw rows
-     * (pending), the others are rebuilt. Keys first: if they cannot be,
-     * both stay quantized (so kq <= vq holds). */
-    if (kq > kq_t && rebuild_raw(q, L, cnt, layer, 0, kq_t, kraw < kq ? kraw : kq) == 0) {
-        kq = kq_t;
-        kraw = kraw < kq_t ? kraw : kq_t;
-        if (vq > vq_t && rebuild_raw(q, L, cnt, layer, 1, vq_t, vraw < vq ? vraw : vq) == 0) {
-            vq = vq_t;
-            vraw = vraw < vq_t ? vraw : vq_t;
-        }
-    }
-    L->kq = kq;
-    L->vq = vq;
-    L->kraw_from = kraw < kq ? kraw : kq;
-    L->vraw_from = vraw < vq ? vraw : vq;
-    if (L->vraw_from < L->kraw_from) /* keep kraw_from <= vraw_from */
-        L->kraw_from = L->vraw_from;
+    /* Quantized rows stay quantized: truncate removes tokens and changes
+     * none of those it keeps, needs no memory, and gives the same result
+     * whatever the allocator does. (The layer may then hold more
+     * quantized rows than its length implies, e.g. a per-channel key
+     * block cut short; every path allows that, and such a block is
+     * quantized whole again once it is refilled.) */
+    L->kq = L->kq < main_new ? L->kq : main_new;
+    L->vq = L->vq < main_new ? L->vq : main_new;
+    L->kraw_from = L->kraw_from < L->kq ? L->kraw_from : L->kq;
+    L->vraw_from = L->vraw_from < L->vq ? L->vraw_from : L->vq;
     /* Drop whole blocks past the new end, Q blocks with no quantized row
      * left, outliers of removed rows. */
     const uint32_t keep = (main_new + B - 1) / B;

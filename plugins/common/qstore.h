@@ -180,12 +180,25 @@ void kvcp_qs_free(kvcp_qs *q);
 
 /* Resident bytes per token per layer once quantized (codes, scales,
  * outlier slots, worst-case positions and block-table share), as a
- * fraction of fp16 full: what kv_ratio promises per token. */
+ * fraction of fp16 full: what kv_ratio promises per token (the largest
+ * layer's). */
 double kvcp_qs_token_ratio(const kvcp_qs *q);
+/* The same before a store exists, for choosing formats: bytes of one
+ * layer's Q block with key formats kf [n_kv], value formats vf [n_kv], and
+ * the ratio a layer of q_bytes per block promises. */
+size_t kvcp_qs_block_bytes(const kvck_qfmt *kf, const kvck_qfmt *vf, uint32_t n_kv, int k_mode,
+                           uint32_t block, double k_outliers, double v_outliers);
+double kvcp_qs_ratio_of(const kvcp_geom *g, size_t q_bytes, uint32_t block);
 /* The per-sequence constant: the fp16 tokens a layer may hold beyond that
  * (sinks, window, the block being filled) and their raw blocks' slack,
  * plus the block table's initial size, times n_layers. */
 uint64_t kvcp_qs_seq_overhead(const kvcp_qs *q);
+
+/* The seed the option parser gives the Hadamard signs, and the signs a
+ * store with seed `seed` uses for keys (kv 0) or values (kv 1): for
+ * plugins that must rotate calibration data the way the store will. */
+#define KVCP_QS_SEED UINT64_C(0x6b7663717374)
+void kvcp_qs_hadamard_signs(uint64_t seed, int kv, float *signs, uint32_t d);
 
 /* A checksum of everything that decides how tokens are stored (options,
  * formats, levels): blobs carry it, so one made with other settings is
@@ -210,12 +223,11 @@ size_t kvcp_qs_append_scratch_floats(const kvcp_qs *q, uint32_t n);
 /* Frees the raw copies of quantized tokens (after an attend covering the
  * last appended position). */
 void kvcp_qs_drop_pending(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt);
-/* Keeps tokens with position < p. Quantized rows that would not be
- * quantized at the new length (a per-channel block cut short, the window)
- * go back to raw as their dequantized values: not exact, documented. When
- * the memory for that cannot be had they stay quantized (the layer then
- * holds more quantized rows than its length implies, which every path
- * allows). */
+/* Keeps tokens with position < p, each in the form it has: quantized rows
+ * stay quantized even where a fresh sequence of that length would still
+ * hold them raw (a per-channel key block cut short, the window), so the
+ * result equals never having appended only when nothing is held raw for
+ * later (per-token keys, no window). Needs no memory. */
 void kvcp_qs_truncate(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
                       int32_t p);
 void kvcp_qs_release(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer);

@@ -239,9 +239,9 @@ static kvc_status fg_create(const kvc_create_info *info, kvc_instance **out, cha
         in->k_had = qo.k_hadamard;
         in->v_had = qo.v_hadamard;
         if (in->k_had)
-            kvck_hadamard_signs(in->k_signs, g.head_dim, qo.seed ^ UINT64_C(0x4b4b4b4b));
+            kvcp_qs_hadamard_signs(qo.seed, 0, in->k_signs, g.head_dim);
         if (in->v_had)
-            kvck_hadamard_signs(in->v_signs, g.head_dim, qo.seed ^ UINT64_C(0x56565656));
+            kvcp_qs_hadamard_signs(qo.seed, 1, in->v_signs, g.head_dim);
     }
     in->tok_bytes = rows.krow + rows.kszb + rows.vrow + rows.vszb + sizeof(int32_t) +
                     sizeof(float) + 1;
