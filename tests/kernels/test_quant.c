@@ -1162,11 +1162,9 @@ static Suite *quant_suite(void)
 
 int main(void)
 {
-    const char *env = getenv("KVCK_TEST_SEED");
-    if (env && *env)
-        g_seed = strtoull(env, NULL, 0);
-    printf("quant: seed %llu (set KVCK_TEST_SEED to replay)\n", (unsigned long long)g_seed);
-    /* Every path the CPU (and KVCK_ISA) allows, each a full run. */
+    g_seed = ktest_seed("quant", g_seed);
+    /* Every path the CPU (and KVCK_ISA) allows, each a full run; forked
+     * tests inherit the path set here. */
     const int top = kvck_isa();
     int failed = 0;
     for (int isa = KVCK_ISA_GENERIC; isa <= top; isa++) {
@@ -1174,10 +1172,7 @@ int main(void)
             continue;
         printf("quant: path %s\n", kvck_isa_name(isa));
         fflush(stdout);
-        SRunner *sr = srunner_create(quant_suite());
-        srunner_run_all(sr, CK_NORMAL);
-        failed += srunner_ntests_failed(sr);
-        srunner_free(sr);
+        failed += ktest_run(quant_suite());
     }
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
