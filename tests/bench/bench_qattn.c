@@ -11,9 +11,15 @@
  *
  * Cold cache: before every step the cache's lines are flushed (clflush),
  * so every byte comes from memory, as in a model whose other layers ran in
- * between. The streaming read is the same: a flushed buffer of the f16
- * cache's size, read once with vector loads. One thread. Median of REPS
- * steps after WARMUP.
+ * between. Before each step on block b, the next block is asked for with
+ * kvck_src_prefetch, as a store would. The yardstick ("read" rows, and
+ * "% read") is the f16 cache itself, flushed the same way and read once as
+ * a plain stream with vector loads. The configurations and the stream take
+ * turns step by step, so load from other processes hits them alike and
+ * the ratios hold on a shared machine. One thread (run with
+ * OPENBLAS_NUM_THREADS=1 so no idle BLAS thread spins beside it). Median
+ * of REPS steps after WARMUP. A standalone streaming read of a flushed
+ * buffer is printed first, for reference.
  *
  * usage: kvc-bench-qattn [--reps N] [--contexts 4096,16384,65536]
  *                        [--isa generic|avx2|avx512|all] [--warm] [--no-prefetch]
@@ -100,6 +106,15 @@ static float sum_plain(const float *buf, size_t n)
     return s4[0] + s4[1] + s4[2] + s4[3];
 }
 
+static float sum_floats(const float *buf, size_t n)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx2") ? sum_avx2(buf, n) : sum_plain(buf, n);
+#else
+    return sum_plain(buf, n);
+#endif
+}
+
 /* One-thread streaming read of a flushed buffer: bytes per second. */
 static volatile float g_sink;
 static double stream_read(const float *buf, size_t bytes, int reps)
@@ -110,11 +125,7 @@ static double stream_read(const float *buf, size_t bytes, int reps)
     for (int r = 0; r < reps; r++) {
         flush(buf, bytes);
         double t0 = now_s();
-#if defined(__x86_64__) && defined(__GNUC__)
-        g_sink = __builtin_cpu_supports("avx2") ? sum_avx2(buf, n) : sum_plain(buf, n);
-#else
-        g_sink = sum_plain(buf, n);
-#endif
+        g_sink = sum_floats(buf, n);
         t[r] = now_s() - t0;
     }
     return (double)(n * 4) / median(t, reps);
@@ -274,7 +285,7 @@ int main(int argc, char **argv)
     }
     if (reps < 1)
         reps = 1;
-    double *t = xalloc((size_t)reps * sizeof *t);
+    double *t = xalloc(6 * (size_t)reps * sizeof *t); /* [configs + stream][reps] */
     size_t n_max = 0;
     for (int i = 0; i < n_ctx; i++)
         n_max = ctx[i] > n_max ? ctx[i] : n_max;
@@ -287,8 +298,8 @@ int main(int argc, char **argv)
     const double bw = stream_read(sbuf, sbytes, 9);
     free(sbuf);
     printf("kvc-bench-qattn: one decode step, one layer: %d KV heads x %d query rows, head_dim %d,"
-           " blocks of %d; cold cache (clflush); median of %d steps\n",
-           N_KV, GROUP, D, BLOCK, reps);
+           " blocks of %d; %s; median of %d steps\n",
+           N_KV, GROUP, D, BLOCK, warm ? "warm cache" : "cold cache (clflush)", reps);
     printf("streaming read, one thread, flushed %.0f MiB: %.2f GB/s\n\n",
            (double)sbytes / (1 << 20), bw / 1e9);
 
@@ -312,38 +323,56 @@ int main(int argc, char **argv)
     float *q_scr = xalloc(kvck_attn_src_scratch_floats(&f8, &f8, GROUP, BLOCK) * sizeof(float));
 
     const int top = kvck_isa();
+    printf("%% read: against the f16 cache read as a plain stream (row 'read'), timed in\n"
+           "turn with the steps of the same context and path.\n\n");
     printf("%-8s %-7s %7s %10s %10s %8s %8s %10s\n", "isa", "cache", "N", "us/step", "MB read",
            "GB/s", "% read", "vs f16");
     for (int ci = 0; ci < n_ctx; ci++) {
         const size_t n = ctx[ci];
         for (int i = 0; i < n_cfg; i++)
             cache_build(&cfg[i], n);
+        /* The f16 cache read as a plain stream, under the same flush, in
+         * turn with the steps: the yardstick for this context. */
+        const cache *c16 = &cfg[1];
         for (int isa = KVCK_ISA_GENERIC; isa <= top; isa++) {
             if ((isa_only >= 0 && isa != isa_only) || kvck_isa_set(isa) != isa)
                 continue;
+            /* Configurations take turns step by step, so load from other
+             * processes hits them alike and the ratios hold. */
+            for (int r = 0; r < WARMUP + reps; r++) {
+                for (int i = 0; i <= n_cfg; i++) {
+                    const cache *c = i < n_cfg ? &cfg[i] : c16;
+                    if (!warm)
+                        flush(c->data, c->bytes);
+                    double t0 = now_s();
+                    if (i < n_cfg)
+                        step(c, n, q, k_pos, attn_scr, q_scr, out);
+                    else
+                        g_sink = sum_floats((const float *)(const void *)c->data,
+                                            c->bytes / 4 / 32 * 32);
+                    if (r >= WARMUP)
+                        t[(size_t)i * (size_t)reps + (size_t)(r - WARMUP)] = now_s() - t0;
+                }
+            }
+            const double t_read = median(t + (size_t)n_cfg * (size_t)reps, reps);
+            const double bw_here = (double)c16->bytes / t_read;
             double t_f16 = 0;
             for (int i = 0; i < n_cfg; i++) {
-                for (int r = 0; r < WARMUP + reps; r++) {
-                    if (!warm)
-                        flush(cfg[i].data, cfg[i].bytes);
-                    double t0 = now_s();
-                    step(&cfg[i], n, q, k_pos, attn_scr, q_scr, out);
-                    if (r >= WARMUP)
-                        t[r - WARMUP] = now_s() - t0;
-                }
-                const double med = median(t, reps);
+                const double med = median(t + (size_t)i * (size_t)reps, reps);
                 if (cfg[i].kind == KVCK_SRC_F16)
                     t_f16 = med;
                 const double gbs = (double)cfg[i].bytes / med / 1e9;
                 printf("%-8s %-7s %7zu %10.1f %10.2f %8.2f %7.0f%% ", kvck_isa_name(isa),
                        cfg[i].name, n, med * 1e6, (double)cfg[i].bytes / 1e6, gbs,
-                       100.0 * gbs * 1e9 / bw);
+                       100.0 * gbs * 1e9 / bw_here);
                 if (t_f16 > 0)
                     printf("%9.2fx\n", med / t_f16);
                 else
                     printf("%10s\n", "-");
-                fflush(stdout);
             }
+            printf("%-8s %-7s %7zu %10.1f %10.2f %8.2f %7.0f%% %10s\n", kvck_isa_name(isa),
+                   "read", n, t_read * 1e6, (double)c16->bytes / 1e6, bw_here / 1e9, 100.0, "-");
+            fflush(stdout);
         }
         for (int i = 0; i < n_cfg; i++)
             free(cfg[i].data);
