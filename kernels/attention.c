@@ -312,7 +312,8 @@ static inline AVX512_FN __m512 exp16(__m512 x)
     const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     x = _mm512_max_ps(lo, x); /* operand order keeps NaN */
     x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps((float)(1.0 / 0.6931471805599453))),
+    const __m512 inv_ln2 = _mm512_set1_ps((float)(1.0 / 0.6931471805599453));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, inv_ln2),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);

@@ -148,7 +148,8 @@ void kvck_q_scores(const kvck_qfmt *f, int mode, size_t rows, const float *q, si
     if (isa >= KVCK_ISA_AVX512
         && kvcki_q_scores_avx512(f, mode, rows, q, ldq, n, codes, sz, s, lds, &w))
         return;
-    if (isa >= KVCK_ISA_AVX2 && kvcki_q_scores_avx2(f, mode, rows, q, ldq, n, codes, sz, s, lds, &w))
+    if (isa >= KVCK_ISA_AVX2
+        && kvcki_q_scores_avx2(f, mode, rows, q, ldq, n, codes, sz, s, lds, &w))
         return;
 #endif
     scores_generic(f, mode, rows, q, ldq, n, codes, sz, s, lds, &w);

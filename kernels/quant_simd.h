@@ -227,13 +227,14 @@ static ATTR void SFX(sz_split)(const uint16_t *sz, size_t m, float *sv, float *z
 {
     size_t i = 0;
     for (; i + 8 <= m; i += 8) {
-        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sz + 2 * i)));
-        const __m256 b =
-            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sz + 2 * i + 8)));
+        const __m128i *h = (const __m128i *)(const void *)(sz + 2 * i); /* [8][2] halves */
+        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(h));
+        const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
         /* [s0 s1 s4 s5 | s2 s3 s6 s7] -> 64-bit pieces reordered 0, 2, 1, 3 */
-        const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xdd);
-        _mm256_storeu_ps(sv + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xd8)));
-        _mm256_storeu_ps(zv + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xd8)));
+        const __m256d ev = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88));
+        const __m256d od = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd));
+        _mm256_storeu_ps(sv + i, _mm256_castpd_ps(_mm256_permute4x64_pd(ev, 0xd8)));
+        _mm256_storeu_ps(zv + i, _mm256_castpd_ps(_mm256_permute4x64_pd(od, 0xd8)));
     }
     for (; i < m; i++) {
         sv[i] = _cvtsh_ss(sz[2 * i]);
