@@ -300,11 +300,84 @@ static AVX2_FN void pv_few_avx2(size_t nr, size_t dv, const float *p, size_t ldp
     else if (nr - r == 1)
         pv_tile(1, dv, p + r * ldp, ldp, v, ldv, n, acc + r * dv);
 }
+
+/* The same max and exponentials 16 wide, for CPUs with AVX-512 (and
+ * kvck_isa() allowing it): the polynomial and rounding steps of exp8, so
+ * each p is the same float; only the sum's order differs. Decode spends a
+ * tenth of its time here, on 64 scores per row and block. */
+#define AVX512_FN __attribute__((target("avx512f,avx512dq,avx2,fma")))
+
+static inline AVX512_FN __m512 exp16(__m512 x)
+{
+    const __m512 lo = _mm512_set1_ps(-87.3f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(lo, x); /* operand order keeps NaN */
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+    const __m512 inv_ln2 = _mm512_set1_ps((float)(1.0 / 0.6931471805599453));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, inv_ln2),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    __m512 p = _mm512_set1_ps((float)(1.0 / 5040.0));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps((float)(1.0 / 720.0)));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps((float)(1.0 / 120.0)));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps((float)(1.0 / 24.0)));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps((float)(1.0 / 6.0)));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)),
+                                  23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+    return _mm512_maskz_mov_ps((__mmask16)~under, y);
+}
+
+/* Max of s [n]; -inf when n == 0 or all are -inf. */
+static AVX512_FN float max_avx512(const float *s, size_t n)
+{
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+    if (j < n) /* masked-off lanes read as -inf */
+        m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
+                                                  (__mmask16)((1u << (n - j)) - 1u), s + j));
+    return _mm512_reduce_max_ps(m);
+}
+
+/* s [n] <- exp(s - m); returns the sum. */
+static AVX512_FN float exp_sub_avx512(float *s, size_t n, float m)
+{
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+        _mm512_storeu_ps(s + j, p);
+        acc = _mm512_add_ps(acc, p);
+    }
+    if (j < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - j)) - 1u);
+        __m512 p = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, s + j),
+                                       mv));
+        _mm512_mask_storeu_ps(s + j, k, p);
+        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, p));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* AVX-512 usable and allowed (kvck_isa() is cached and capped by
+ * KVCK_ISA, so comparisons of paths cover this too). */
+static int use_avx512(void)
+{
+    return kvck_isa() >= KVCK_ISA_AVX512;
+}
 #endif /* x86 */
 
 static float row_max(const float *s, size_t n)
 {
 #ifdef KVCK_ATTN_AVX2
+    if (use_avx512())
+        return max_avx512(s, n);
     if (have_avx2_fma())
         return max_avx2(s, n);
 #endif
@@ -318,6 +391,8 @@ static float row_max(const float *s, size_t n)
 static float row_exp(float *s, size_t n, float m)
 {
 #ifdef KVCK_ATTN_AVX2
+    if (use_avx512())
+        return exp_sub_avx512(s, n, m);
     if (have_avx2_fma())
         return exp_sub_avx2(s, n, m);
 #endif

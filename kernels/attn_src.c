@@ -27,15 +27,29 @@ static size_t f16_chunk(size_t d)
     return c ? c : 1;
 }
 
+/* buf [nb][d] <- the fp16 rows x [nb][ldx], widened. */
+static void widen_rows(const uint16_t *x, size_t ldx, size_t nb, size_t d, float *buf)
+{
+    for (size_t i = 0; i < nb; i++)
+        kvck_f16_to_f32_n(x + i * ldx, buf + i * d, d);
+}
+
 void kvcki_f16_scores(size_t rows, size_t d, const float *q, size_t ldq, const uint16_t *k,
                       size_t ldk, size_t n, float *s, size_t lds)
 {
+#ifdef KVCK_QUANT_X86
+    /* Few rows: straight from fp16 (F16C loads), no widened copy. */
+    const int isa = rows <= KVCK_FEW_ROWS ? kvck_isa() : KVCK_ISA_GENERIC;
+    if (isa >= KVCK_ISA_AVX512 && kvcki_f16_scores_avx512(rows, d, q, ldq, k, ldk, n, s, lds))
+        return;
+    if (isa >= KVCK_ISA_AVX2 && kvcki_f16_scores_avx2(rows, d, q, ldq, k, ldk, n, s, lds))
+        return;
+#endif
     float buf[F16_BUF]; /* [chunk][d] widened keys */
     const size_t ch = f16_chunk(d);
     for (size_t j = 0; j < n; j += ch) {
         const size_t nb = n - j < ch ? n - j : ch;
-        for (size_t i = 0; i < nb; i++)
-            kvck_f16_to_f32_n(k + (j + i) * ldk, buf + i * d, d);
+        widen_rows(k + j * ldk, ldk, nb, d, buf);
         kvck_scores(rows, d, q, ldq, buf, d, nb, s + j, lds);
     }
 }
@@ -43,12 +57,18 @@ void kvcki_f16_scores(size_t rows, size_t d, const float *q, size_t ldq, const u
 void kvcki_f16_pv(size_t rows, size_t d, const float *p, size_t ldp, const uint16_t *v,
                   size_t ldv, size_t n, float *acc)
 {
+#ifdef KVCK_QUANT_X86
+    const int isa = rows <= KVCK_FEW_ROWS ? kvck_isa() : KVCK_ISA_GENERIC;
+    if (isa >= KVCK_ISA_AVX512 && kvcki_f16_pv_avx512(rows, d, p, ldp, v, ldv, n, acc))
+        return;
+    if (isa >= KVCK_ISA_AVX2 && kvcki_f16_pv_avx2(rows, d, p, ldp, v, ldv, n, acc))
+        return;
+#endif
     float buf[F16_BUF]; /* [chunk][d] widened values */
     const size_t ch = f16_chunk(d);
     for (size_t j = 0; j < n; j += ch) {
         const size_t nb = n - j < ch ? n - j : ch;
-        for (size_t i = 0; i < nb; i++)
-            kvck_f16_to_f32_n(v + (j + i) * ldv, buf + i * d, d);
+        widen_rows(v + j * ldv, ldv, nb, d, buf);
         kvck_pv(rows, d, p + j, ldp, buf, d, nb, acc);
     }
 }
@@ -120,6 +140,38 @@ static void src_pv(const kvck_src *x, size_t j0, size_t nr, size_t d, const floa
     }
 }
 
+/* Asks for every cache line of [p, p + bytes) ahead of use. */
+static void prefetch_range(const void *p, size_t bytes)
+{
+    const char *c = (const char *)p;
+    for (size_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch(c + i, 0, 3);
+    if (bytes)
+        __builtin_prefetch(c + bytes - 1, 0, 3);
+}
+
+/* Prefetches rows j0 .. j0 + n - 1 of a source (d wide): a block spans a
+ * few 4 KiB pages, where the hardware prefetchers stop and restart, so
+ * asking for the next block while this one computes keeps misses in
+ * flight across the page boundaries. */
+static void src_prefetch(const kvck_src *x, size_t j0, size_t n, size_t d)
+{
+    if (x->kind == KVCK_SRC_Q) {
+        const kvck_qfmt *f = x->fmt;
+        prefetch_range((const uint8_t *)x->data + j0 * f->row_bytes, n * f->row_bytes);
+        prefetch_range(q_sz(x, j0), x->mode == KVCK_QS_CHANNEL ? (size_t)f->d * 4
+                                                               : n * f->n_groups * 4);
+        return;
+    }
+    const size_t el = x->kind == KVCK_SRC_F32 ? 4 : 2;
+    const char *b = (const char *)x->data + j0 * x->ld * el;
+    if (x->ld == d)
+        prefetch_range(b, n * d * el);
+    else
+        for (size_t j = 0; j < n; j++)
+            prefetch_range(b + j * x->ld * el, d * el);
+}
+
 /* Keys and values j0 .. j0 + n - 1 (n <= a->block). */
 static void src_block1(kvck_attn *a, const float *q, size_t ldq, const kvck_src *k,
                        const kvck_src *v, const int32_t *k_pos, size_t j0, size_t n,
@@ -163,6 +215,12 @@ void kvck_attn_block_src(kvck_attn *a, const float *q, size_t ldq, const kvck_sr
         const size_t nb = n - j < a->block ? n - j : a->block;
         src_block1(a, q, ldq, k, v, k_pos + j, j, nb, scratch);
     }
+}
+
+void kvck_src_prefetch(const kvck_src *x, size_t n, size_t d)
+{
+    if (x && n)
+        src_prefetch(x, 0, n, d);
 }
 
 size_t kvck_attn_src_scratch_floats(const kvck_qfmt *fk, const kvck_qfmt *fv, size_t rows,

@@ -216,6 +216,13 @@ void kvck_attn_block_src(kvck_attn *a, const float *q, size_t ldq, const kvck_sr
 size_t kvck_attn_src_scratch_floats(const kvck_qfmt *fk, const kvck_qfmt *fv, size_t rows,
                                     size_t block);
 
+/* Added: starts loading rows [0, n) of a source (codes and scales, or the
+ * d values of each f32/f16 row) into the caches, without waiting. Call it
+ * on the next block before kvck_attn_block_src on this one: a block spans
+ * a few 4 KiB pages, which the hardware prefetchers do not cross, so a
+ * cold cache otherwise stalls at the start of every block. */
+void kvck_src_prefetch(const kvck_src *x, size_t n, size_t d);
+
 /* Per-query key bounds of a pass, besides causality and the window: a key
  * at kp is visible to query t only if q_lo[t] < kp (q_lo NULL = no lower
  * bound) and kp <= q_hi[t] (q_hi replaces the query positions as the

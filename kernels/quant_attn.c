@@ -143,6 +143,15 @@ void kvck_q_scores(const kvck_qfmt *f, int mode, size_t rows, const float *q, si
         kvck_scores(rows, f->d, q, ldq, w.blk, f->d, n, s, lds);
         return;
     }
+#ifdef KVCK_QUANT_X86
+    const int isa = kvck_isa();
+    if (isa >= KVCK_ISA_AVX512
+        && kvcki_q_scores_avx512(f, mode, rows, q, ldq, n, codes, sz, s, lds, &w))
+        return;
+    if (isa >= KVCK_ISA_AVX2
+        && kvcki_q_scores_avx2(f, mode, rows, q, ldq, n, codes, sz, s, lds, &w))
+        return;
+#endif
     scores_generic(f, mode, rows, q, ldq, n, codes, sz, s, lds, &w);
 }
 
@@ -158,5 +167,12 @@ void kvck_q_pv(const kvck_qfmt *f, int mode, size_t rows, const float *p, size_t
         kvck_pv(rows, f->d, p, ldp, w.blk, f->d, n, acc);
         return;
     }
+#ifdef KVCK_QUANT_X86
+    const int isa = kvck_isa();
+    if (isa >= KVCK_ISA_AVX512 && kvcki_q_pv_avx512(f, mode, rows, p, ldp, n, codes, sz, acc, &w))
+        return;
+    if (isa >= KVCK_ISA_AVX2 && kvcki_q_pv_avx2(f, mode, rows, p, ldp, n, codes, sz, acc, &w))
+        return;
+#endif
     pv_generic(f, mode, rows, p, ldp, n, codes, sz, acc, &w);
 }

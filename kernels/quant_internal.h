@@ -63,15 +63,15 @@ typedef struct kvcki_qscr {
     float *gs;  /* [rows][n_groups] per-group sums of q (per-token scores) */
     float *lev; /* [d] levels of one row */
     float *blk; /* [n][d] a dequantized block (many rows) */
-    float *w1;  /* [rows][n] per-row, per-key weights of the SIMD paths */
-    float *w2;  /* [rows][n] */
+    float *w1;  /* [rows][n_groups][n] per-row, per-key weights (SIMD P.V) */
+    float *w2;  /* [n][n_groups][2] a block's per-token scales as floats (SIMD) */
 } kvcki_qscr;
 
 static inline size_t kvcki_qscr_floats(const kvck_qfmt *f, size_t rows, size_t n)
 {
-    const size_t d = f->d;
-    return kvcki_up16(rows * d) + kvcki_up16(rows) + kvcki_up16(rows * f->n_groups)
-           + kvcki_up16(d) + kvcki_up16(n * d) + 2 * kvcki_up16(rows * n);
+    const size_t d = f->d, ng = f->n_groups;
+    return kvcki_up16(rows * d) + kvcki_up16(rows) + kvcki_up16(rows * ng) + kvcki_up16(d)
+           + kvcki_up16(n * d) + kvcki_up16(rows * ng * n) + kvcki_up16(n * ng * 2);
 }
 
 static inline void kvcki_qscr_carve(const kvck_qfmt *f, size_t rows, size_t n, float *base,
@@ -84,7 +84,7 @@ static inline void kvcki_qscr_carve(const kvck_qfmt *f, size_t rows, size_t n, f
     v->lev = v->gs + kvcki_up16(rows * f->n_groups);
     v->blk = v->lev + kvcki_up16(d);
     v->w1 = v->blk + kvcki_up16(n * d);
-    v->w2 = v->w1 + kvcki_up16(rows * n);
+    v->w2 = v->w1 + kvcki_up16(rows * f->n_groups * n);
 }
 
 /* fp16 rows: s [rows][lds] (n columns) = q [rows][ldq] . k [n][ldk]^T and
@@ -93,5 +93,33 @@ void kvcki_f16_scores(size_t rows, size_t d, const float *q, size_t ldq, const u
                       size_t ldk, size_t n, float *s, size_t lds);
 void kvcki_f16_pv(size_t rows, size_t d, const float *p, size_t ldp, const uint16_t *v,
                   size_t ldv, size_t n, float *acc);
+
+/* The SIMD instances (quant_simd.h): each returns 0, doing nothing, for a
+ * format or width it does not cover; the caller then takes the plain C
+ * path. Only called when kvck_isa() allows their ISA. */
+int kvcki_q_scores_avx2(const kvck_qfmt *f, int mode, size_t rows, const float *q, size_t ldq,
+                        size_t n, const uint8_t *codes, const uint16_t *sz, float *s, size_t lds,
+                        const kvcki_qscr *w);
+int kvcki_q_pv_avx2(const kvck_qfmt *f, int mode, size_t rows, const float *p, size_t ldp,
+                    size_t n, const uint8_t *codes, const uint16_t *sz, float *acc,
+                    const kvcki_qscr *w);
+int kvcki_f16_scores_avx2(size_t rows, size_t d, const float *q, size_t ldq, const uint16_t *k,
+                          size_t ldk, size_t n, float *s, size_t lds);
+int kvcki_f16_pv_avx2(size_t rows, size_t d, const float *p, size_t ldp, const uint16_t *v,
+                      size_t ldv, size_t n, float *acc);
+int kvcki_q_scores_avx512(const kvck_qfmt *f, int mode, size_t rows, const float *q, size_t ldq,
+                          size_t n, const uint8_t *codes, const uint16_t *sz, float *s,
+                          size_t lds, const kvcki_qscr *w);
+int kvcki_q_pv_avx512(const kvck_qfmt *f, int mode, size_t rows, const float *p, size_t ldp,
+                      size_t n, const uint8_t *codes, const uint16_t *sz, float *acc,
+                      const kvcki_qscr *w);
+int kvcki_f16_scores_avx512(size_t rows, size_t d, const float *q, size_t ldq, const uint16_t *k,
+                            size_t ldk, size_t n, float *s, size_t lds);
+int kvcki_f16_pv_avx512(size_t rows, size_t d, const float *p, size_t ldp, const uint16_t *v,
+                        size_t ldv, size_t n, float *acc);
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(KVCK_GENERIC_ONLY)
+#define KVCK_QUANT_X86 1
+#endif
 
 #endif

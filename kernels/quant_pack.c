@@ -86,11 +86,34 @@ static void pack_plane(unsigned w, unsigned from, const uint8_t *v, size_t n, ui
     }
 }
 
-/* codes [n] |= field of plane in, shifted up by `to`. */
+/* codes [n] |= field of plane in, shifted up by `to`. Whole 16-byte chunks
+ * of planes 2 and 4 are read field by field, byte by byte (value f * 16 +
+ * b is byte b, field f): the plain C attention paths unpack every row of
+ * every block, so the general per-value position is kept for the last,
+ * partial chunk only. */
 static void unpack_plane(unsigned w, unsigned to, const uint8_t *in, size_t n, uint8_t *codes)
 {
     const unsigned mask = (1u << w) - 1u;
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+    if (w == 8 || w == 1) { /* byte i, or bit i % 8 of byte i / 8: no chunks */
+        for (; i < n; i++) {
+            const unsigned f = (w == 8 ? in[i] : (unsigned)in[i / 8] >> (i % 8)) & mask;
+            codes[i] = (uint8_t)(codes[i] | f << to);
+        }
+        return;
+    }
+    if (w == 2 || w == 4) {
+        const size_t C = chunk_vals(w);
+        for (; i + C <= n; i += C, in += 16)
+            for (unsigned f = 0; f < 8 / w; f++)
+                for (size_t b = 0; b < 16; b++)
+                    codes[i + f * 16 + b] = (uint8_t)(codes[i + f * 16 + b]
+                                                      | ((unsigned)in[b] >> (f * w) & mask) << to);
+        codes += i;
+        n -= i;
+        i = 0;
+    }
+    for (; i < n; i++) {
         size_t b;
         unsigned sh;
         plane_pos(w, n, i, &b, &sh);

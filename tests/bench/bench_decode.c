@@ -43,6 +43,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "kvch.h"
 
 #define MAX_CONFIGS 64
@@ -56,25 +57,6 @@
 enum { N_HEADS = 9, N_KV = 3, HEAD_DIM = 64, HIDDEN = 576 };
 #define KW ((size_t)N_KV * HEAD_DIM)   /* K or V values per token */
 #define QW ((size_t)N_HEADS * HEAD_DIM) /* query values per token */
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *x, int n)
-{
-    qsort(x, (size_t)n, sizeof *x, cmp_double);
-    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
-}
 
 /* Bytes copied per second by memcpy of 256 MiB, median of 7. */
 static double memcpy_bandwidth(void)

@@ -7,6 +7,7 @@
 
 #include <check.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 /* Check's ck_assert* records every passing assertion through its pipe (a
@@ -55,6 +56,28 @@ static inline void *xmalloc(size_t bytes)
     void *p = malloc(bytes ? bytes : 1);
     ck_assert_ptr_nonnull(p);
     return p;
+}
+
+/* The suite's seed: KVCK_TEST_SEED when set, else dflt; printed, so a
+ * failure can be replayed. */
+static inline uint64_t ktest_seed(const char *suite, uint64_t dflt)
+{
+    const char *env = getenv("KVCK_TEST_SEED");
+    const uint64_t seed = env && *env ? strtoull(env, NULL, 0) : dflt;
+    printf("%s: seed %llu (set KVCK_TEST_SEED to replay)\n", suite, (unsigned long long)seed);
+    fflush(stdout);
+    return seed;
+}
+
+/* Runs a suite (each test forked, as Check does by default); returns the
+ * number of failed tests. */
+static inline int ktest_run(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    const int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed;
 }
 
 #endif

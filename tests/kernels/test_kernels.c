@@ -817,15 +817,6 @@ static Suite *kernels_suite(void)
 
 int main(void)
 {
-    const char *env = getenv("KVCK_TEST_SEED");
-    if (env && *env)
-        g_seed = strtoull(env, NULL, 0);
-    printf("kernels: seed %llu (set KVCK_TEST_SEED to replay)\n", (unsigned long long)g_seed);
-    fflush(stdout);
-
-    SRunner *sr = srunner_create(kernels_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    g_seed = ktest_seed("kernels", g_seed);
+    return ktest_run(kernels_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -628,7 +628,8 @@ START_TEST(test_rope_table)
 {
     rng g = {g_seed ^ 0x70be};
     const size_t n_tok = 29, n_heads = 3, hd = 80, n_pos = 5000;
-    float *x = xmalloc(n_tok * n_heads * hd * sizeof *x), *y1 = xmalloc(sizeof *x * n_tok * n_heads * hd);
+    float *x = xmalloc(n_tok * n_heads * hd * sizeof *x);
+    float *y1 = xmalloc(n_tok * n_heads * hd * sizeof *y1);
     float *y2 = xmalloc(n_tok * n_heads * hd * sizeof *y2);
     int32_t pos[29];
     for (int style = 0; style <= 2; style++)
@@ -903,7 +904,8 @@ static double run_qcase(const qcase *c, rng *g, double *plain)
      * per-channel scales are for); values plain. */
     for (size_t j = 0; j < n; j++)
         for (size_t i = 0; i < d; i++)
-            kx[j * d + i] = (float)((int)(i % 7) - 3) * 0.5f + (i % 13 == 5 ? 3.0f : 1.0f) * rng_unit(g);
+            kx[j * d + i] =
+                (float)((int)(i % 7) - 3) * 0.5f + (i % 13 == 5 ? 3.0f : 1.0f) * rng_unit(g);
     fill(g, vx, n * d, 1.0f);
     int32_t p = (int32_t)rng_range(g, 0, 50);
     for (size_t j = 0; j < n; j++) {
@@ -1088,7 +1090,8 @@ START_TEST(test_q_scores_pv)
                 kvck_q_quantize(&f, mode, n, x, d, NULL, codes, sz);
                 kvck_q_dequantize(&f, mode, n, codes, sz, y, d);
                 for (size_t rows = 1; rows <= 20; rows++) {
-                    float *q = xmalloc(rows * ldq * sizeof *q), *s = xmalloc(rows * lds * sizeof *s);
+                    float *q = xmalloc(rows * ldq * sizeof *q);
+                    float *s = xmalloc(rows * lds * sizeof *s);
                     float *acc = xmalloc(rows * d * sizeof *acc);
                     double *want = xmalloc(rows * d * sizeof *want);
                     float *scr = xmalloc(kvck_q_scratch_floats(&f, rows, n) * sizeof *scr);
@@ -1162,11 +1165,9 @@ static Suite *quant_suite(void)
 
 int main(void)
 {
-    const char *env = getenv("KVCK_TEST_SEED");
-    if (env && *env)
-        g_seed = strtoull(env, NULL, 0);
-    printf("quant: seed %llu (set KVCK_TEST_SEED to replay)\n", (unsigned long long)g_seed);
-    /* Every path the CPU (and KVCK_ISA) allows, each a full run. */
+    g_seed = ktest_seed("quant", g_seed);
+    /* Every path the CPU (and KVCK_ISA) allows, each a full run; forked
+     * tests inherit the path set here. */
     const int top = kvck_isa();
     int failed = 0;
     for (int isa = KVCK_ISA_GENERIC; isa <= top; isa++) {
@@ -1174,10 +1175,7 @@ int main(void)
             continue;
         printf("quant: path %s\n", kvck_isa_name(isa));
         fflush(stdout);
-        SRunner *sr = srunner_create(quant_suite());
-        srunner_run_all(sr, CK_NORMAL);
-        failed += srunner_ntests_failed(sr);
-        srunner_free(sr);
+        failed += ktest_run(quant_suite());
     }
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
