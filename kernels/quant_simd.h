@@ -242,17 +242,22 @@ static ATTR void SFX(sz_split)(const uint16_t *sz, size_t m, float *sv, float *z
     }
 }
 
-/* Sum of x [n]. */
+/* Sum of x [n]. The tail goes into the lanes zero-padded, so x[j] always
+ * lands in lane j % VL: appending zeros (masked keys) changes nothing, and
+ * a row sums alike whatever the block's length (batched == single steps
+ * to the byte). */
 static inline ATTR float SFX(sum)(const float *x, size_t n)
 {
     V a = v_zero();
     size_t j = 0;
     for (; j + VL <= n; j += VL)
         a = v_add(a, v_load(x + j));
-    float t = reduce1(a);
-    for (; j < n; j++)
-        t += x[j];
-    return t;
+    if (j < n) {
+        float t[VL] = {0};
+        memcpy(t, x + j, (n - j) * sizeof(float));
+        a = v_add(a, v_load(t));
+    }
+    return reduce1(a);
 }
 
 ATTR int SFX(kvcki_q_scores)(const kvck_qfmt *f, int mode, size_t rows, const float *q, size_t ldq,
@@ -467,20 +472,23 @@ ATTR int SFX(kvcki_q_pv)(const kvck_qfmt *f, int mode, size_t rows, const float 
         const float *pr = p + r * ldp; /* [n] */
         for (size_t g = 0; g < ng; g++) {
             float *wr = wt + (r * ng + g) * n; /* [n] */
-            size_t j = 0;
+            /* zs = sum_j p_j zero_jg, p_j zero_jg in lane j % VL (the tail
+             * zero-padded): the same sum whatever the block's length. */
             V z = v_zero();
-            if (ng == 1)
-                for (; j + VL <= n; j += VL) {
-                    const V pj = v_load(pr + j);
-                    v_store(wr + j, v_mul(pj, v_load(sv + j)));
-                    z = v_fma(pj, v_load(zv + j), z);
+            for (size_t j = 0; j < n; j += VL) {
+                float pt[VL] = {0}, st[VL] = {0}, zt[VL] = {0};
+                const size_t m = n - j < VL ? n - j : VL;
+                for (size_t i = 0; i < m; i++) {
+                    pt[i] = pr[j + i];
+                    st[i] = sv[(j + i) * ng + g];
+                    zt[i] = zv[(j + i) * ng + g];
                 }
-            float zs = reduce1(z);
-            for (; j < n; j++) {
-                wr[j] = pr[j] * sv[j * ng + g];
-                zs += pr[j] * zv[j * ng + g];
+                const V pj = v_load(pt);
+                v_store(pt, v_mul(pj, v_load(st)));
+                memcpy(wr + j, pt, m * sizeof(float));
+                z = v_fma(pj, v_load(zt), z);
             }
-            w->gs[r * ng + g] = zs;
+            w->gs[r * ng + g] = reduce1(z);
         }
     }
     X.wt = wt;
