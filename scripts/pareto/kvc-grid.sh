@@ -40,7 +40,8 @@ fi
 for d in "$KVC_BUILD"/plugins/*/; do KVC_PLUGIN_PATH="$d${KVC_PLUGIN_PATH:+:$KVC_PLUGIN_PATH}"; done
 export KVC_PLUGIN_PATH
 kld=()
-if "$kvc" ppl --help 2>&1 | grep -q -- '--kld'; then kld=(--kld); fi
+usage=$("$kvc" ppl --help 2>&1 || true)
+[[ $usage == *--kld* ]] && kld=(--kld)
 
 pareto_csv_init "$csv"
 work=$(mktemp -d)
