@@ -7,12 +7,13 @@
 # of their own; every point but the no-rot ones is labelled with its config. A point is on its series' front when no other point of the
 # series has <= bytes and <= perplexity change (awk, below); gnuplot
 # (Debian: gnuplot-nox, installed when missing) draws scripts/pareto/plot.gp.
-# Usage: scripts/pareto/plot.sh CSV [PREFIX]
+# Usage: scripts/pareto/plot.sh CSV [PREFIX [TITLE]]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
 csv=$1
 prefix=${2:-${csv%.csv}}
+title=${3:-$(basename "$csv" .csv)}
 if [ "$(head -n1 "$csv")" != "$PARETO_HEADER" ]; then
   echo "plot: $csv does not start with the header $PARETO_HEADER" >&2
   exit 1
@@ -45,12 +46,20 @@ for i in $(seq 1 "$n"); do
   cat "$work/p$i" >> "$work/points"; printf '\n\n' >> "$work/points"
   cat "$work/f$i" >> "$work/fronts"; printf '\n\n' >> "$work/fronts"
   name=$(sed -n "${i}p" "$work/names")
-  args+="; name$i='${name//\'/}'"
+  # The same style for a system in every plot: llama.cpp, its no-rot
+  # rows and kvc first, other systems after them in order.
+  case $name in
+    llama.cpp) style=1 ;;
+    'llama.cpp no-rot') style=2 ;;
+    kvc) style=3 ;;
+    *) style=$((3 + i)) ;;
+  esac
+  args+="; name$i='${name//\'/}'; style$i=$style"
   # Labels on every series but the no-rot one (its points sit straight
   # above their rotated twins, whose labels name them).
   [[ $name == *no-rot ]] || labels+="${labels:+ }$i"
 done
-title="$(basename "$csv" .csv): perplexity change vs KV bytes per token"
+title="$title: perplexity change vs KV bytes per token"
 gnuplot -e "$args; labels='$labels'; points='$work/points'; fronts='$work/fronts'; title_='$title'; out='$prefix'" \
   "$here/plot.gp"
 echo "plot: $prefix.png $prefix.svg" >&2
