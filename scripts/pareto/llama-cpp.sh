@@ -7,8 +7,9 @@
 # llama-cpp-python 0.3.36 sdist vendors (vendor/llama.cpp), fetched from
 # PyPI with pip and checked against its SHA-256; cached in
 # ${KVC_CACHE:-~/.cache/kvc}/llama.cpp-0.3.36/ (bin/ the binary, src/ the
-# sources), so later runs reuse it. The build takes 7 to 8 minutes on 2
-# cores and installs cmake, g++ and ninja from Debian when missing.
+# sources), so later runs reuse it. The build takes 3 to 8 minutes on 2
+# cores (3 when the machine is quiet) and installs cmake, g++ and ninja
+# from Debian when missing.
 #
 # Then, per context size: one f16/f16 run that saves the base logits
 # (--kl-divergence-base), then every type of the list with --kl-divergence
