@@ -29,7 +29,8 @@
 # llama-perplexity is built: 30 to 100 s a llama.cpp run at ctx 512 (13
 # runs: about 10 min; 11 more with --no-rot), 15 to 60 s a kvc row (the
 # first svdllm row also prepares its artifact, about 35 s); ctx 2048 adds
-# about 7 min. All of it with --ctx2048 --no-rot, build included: 32 min.
+# about 4 to 7 min. All of it with --ctx2048 --no-rot: 32 min with the
+# build on a quiet VM, 40 min without it on a busy one.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 ctx2048=${PARETO_CTX2048:-0} norot=${PARETO_NOROT:-0}
