@@ -29,8 +29,14 @@
  *   number) leaves room for another summation order; any real defect (a key
  *   missed, a wrong RoPE angle, fp16 storage at ~3e-4) is far above it.
  * LAYER_TOL_LOSSY: per-layer attention-output error on the real model for a
- *   lossy configuration. 5% is what a usable 2-4x compressor keeps (fp16
- *   storage is ~5e-4); beyond it perplexity visibly moves.
+ *   lossy configuration: 15%. The measure catches what perplexity can hide
+ *   (one layer's path broken: keys of the wrong positions or heads leave
+ *   that layer's output unrelated to exact, an error of order 1); how much a configuration costs is model_perplexity's to
+ *   bound. On SmolLM2 the worst layer of usable settings reads 3-5% for
+ *   feature compressors, 7-12% for 4-bit caches (+0.8% perplexity) and
+ *   9.5% for FastGen's eviction (+2%): a norm-wise error that sits on a
+ *   few dropped or coarsely coded keys reads high while the model barely
+ *   moves, so the earlier 5% failed configurations worth having.
  * PPL_TOL_LOSSY: perplexity increase over exact. Quick runs 2 chunks, whose
  *   noise is larger, so it gets 5%; full (8 chunks of 512) gets 2%.
  * PPL_TOL_LOSSLESS: a lossless store reproduces exact logits up to fp32
@@ -39,7 +45,7 @@
  *   kv_ratio may not raise the error by more than 10% relative plus 1e-6
  *   absolute (the fp32 floor, where relative noise is meaningless). */
 #define EXACT_TOL 1e-5
-static const double LAYER_TOL_LOSSY[2] = {0.05, 0.05};
+static const double LAYER_TOL_LOSSY[2] = {0.15, 0.15};
 static const double PPL_TOL_LOSSY[2] = {0.05, 0.02};
 #define PPL_TOL_LOSSLESS 1e-4
 #define LADDER_REL 0.10

@@ -117,6 +117,13 @@ static kvc_status kq_create(const kvc_create_info *info, kvc_instance **out, cha
     c.outliers = v[OPT_OUTLIERS].num;
     snprintf(c.note, sizeof c.note, "%s", v[OPT_NOTE].str ? v[OPT_NOTE].str : "");
 
+    if (c.alloc == KQ_ALLOC_UNIFORM && c.k_bits > 0 &&
+        !(c.k_bits == 1 || c.k_bits == 2 || c.k_bits == 3 || c.k_bits == 4 || c.k_bits == 5 ||
+          c.k_bits == 6 || c.k_bits == 8))
+        return kvcp_fail(msg, msg_size, KVC_E_INVALID,
+                         "alloc=uniform needs a stored width for k_bits (1, 2, 3, 4, 5, 6 or 8), "
+                         "got %g; fractions need alloc=sensitivity",
+                         c.k_bits);
     if (c.kv_ratio > 0) {
         double floor_ratio = 0;
         if ((st = kq_ratio_floor(&host, &g, &c, &floor_ratio)))

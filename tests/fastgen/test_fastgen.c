@@ -396,6 +396,66 @@ START_TEST(batched_equals_token_by_token)
     const char *thr[] = {"t=0.5", NULL}, *bud[] = {"kv_ratio=0.3", NULL};
     step_rule_with(thr);
     step_rule_with(bud);
+    /* Kept tokens quantized (rows after RoPE, Hadamard-rotated). */
+    const char *thr_q[] = {"t=0.5", "k_bits=8", "v_bits=4", NULL};
+    const char *bud_q[] = {"kv_ratio=0.15", "k_bits=4", "v_bits=4", NULL};
+    step_rule_with(thr_q);
+    step_rule_with(bud_q);
+}
+END_TEST
+
+/* Quantized kept tokens: at t = 1 (nothing evicted) 8-bit rows stay close
+ * to full; in budget mode the same kv_ratio keeps more tokens than fp16
+ * rows do, inside the budget. */
+START_TEST(quantized_rows_compose_with_eviction)
+{
+    kvc_geometry g = random_geometry();
+    const uint32_t n = 300;
+    toks t;
+    toks_random(&t, &g, n, g_seed + 5);
+    float **of = outs(&g, n), **oq = outs(&g, n);
+    plug f, q;
+    const char *full_opts[] = {NULL}, *q8[] = {"t=1", "k_bits=8", "v_bits=8", NULL};
+    plug_open(&f, g_full, &g, full_opts);
+    plug_open(&q, g_fg, &g, q8);
+    run(&f, &g, &t, 0, n, MIXED, 11, of);
+    run(&q, &g, &t, 0, n, MIXED, 11, oq);
+    const size_t rows = (size_t)n * g.n_heads * g.head_dim;
+    double worst = 0;
+    for (uint32_t l = 0; l < g.n_layers; l++) {
+        double e = rel_err(oq[l], of[l], rows);
+        worst = e > worst ? e : worst;
+    }
+    kvc_seq_stats sf = stats(&f), sq = stats(&q);
+    printf("t=1 with 8-bit rows: rel err %.3e vs full, resident %.3f of fp16\n", worst,
+           (double)sq.bytes_resident / sq.bytes_fp16_full);
+    ck_assert_msg(worst < 1e-2, "8-bit kept rows are off by %.3e", worst);
+    ck_assert_uint_eq(sq.head_tokens_resident, sf.head_tokens_resident);
+    ck_assert((double)sq.bytes_resident / sq.bytes_fp16_full < 0.7);
+    plug_close(&f);
+    plug_close(&q);
+
+    const char *b16[] = {"kv_ratio=0.25", NULL}, *b4[] = {"kv_ratio=0.25", "k_bits=4", "v_bits=4", NULL};
+    plug a, b;
+    plug_open(&a, g_fg, &g, b16);
+    plug_open(&b, g_fg, &g, b4);
+    run(&a, &g, &t, 0, n, MIXED, 11, of);
+    run(&b, &g, &t, 0, n, MIXED, 11, oq);
+    kvc_seq_stats s16 = stats(&a), s4 = stats(&b);
+    kvc_instance_stats is = {.struct_size = sizeof is};
+    ck_assert_int_eq(b.e.p->instance_stats(b.inst, &is), KVC_OK);
+    printf("kv_ratio 0.25: %llu head-tokens kept with fp16 rows, %llu with 4-bit rows\n",
+           (unsigned long long)s16.head_tokens_resident,
+           (unsigned long long)s4.head_tokens_resident);
+    ck_assert_msg(s4.head_tokens_resident > 2 * s16.head_tokens_resident,
+                  "4-bit rows should keep far more tokens in the same budget");
+    ck_assert((double)s4.bytes_resident <=
+              is.kv_ratio * (double)s4.bytes_fp16_full + (double)is.seq_overhead_bytes);
+    plug_close(&a);
+    plug_close(&b);
+    outs_free(&g, of);
+    outs_free(&g, oq);
+    toks_free(&t);
 }
 END_TEST
 
@@ -663,6 +723,7 @@ int main(int argc, char **argv)
         tcase_add_test(tc, t1_equals_full);
         tcase_add_test(tc, batched_equals_token_by_token);
         tcase_add_test(tc, budget_mode_keeps_its_promise);
+        tcase_add_test(tc, quantized_rows_compose_with_eviction);
     }
     suite_add_tcase(s, tc);
     SRunner *r = srunner_create(s);
