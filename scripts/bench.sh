@@ -4,8 +4,9 @@
 # context, for `full` (fp32, fp16) and the low-rank plugins at kv_ratio
 # 0.75 / 0.5 / 0.35 (svdllm also with key_space=post), FastGen (t = 0.95
 # in fp16; kv_ratio 0.5 and 0.25; its prompt is the first warm-up step, a
-# single query over the whole context of random keys), beside memcpy
-# bandwidth. Two tables: cache cold (configurations interleaved step by
+# single query over the whole context of random keys), the quantized store
+# (full with 4-bit keys before or after RoPE, 2-bit after; kvquant at 4
+# bits on synthetic calibration), beside memcpy bandwidth. Two tables: cache cold (configurations interleaved step by
 # step, CPU caches flushed before each step: a model whose other layers ran
 # in between; the ratios to `full` are measured side by side) and cache warm
 # (each configuration's steps back to back, as the earlier full-only bench).
@@ -36,6 +37,8 @@ configs=(
   'svdllm|kv_ratio=0.75' 'svdllm|kv_ratio=0.5' 'svdllm|kv_ratio=0.35'
   'svdllm|kv_ratio=0.5|key_space=post'
   'fastgen|dtype=fp16' 'fastgen|kv_ratio=0.5' 'fastgen|kv_ratio=0.25'
+  'full|k_bits=4|v_bits=4' 'full|k_bits=4|v_bits=4|k_rope=post'
+  'full|k_bits=2|v_bits=2|k_rope=post' 'kvquant|k_bits=4|v_bits=4'
 )
 args=(--contexts 1024,4096,16384,65536 --reps 20)
 for c in "${configs[@]}"; do

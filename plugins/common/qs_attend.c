@@ -20,8 +20,9 @@ typedef struct qs_scratch {
     int32_t *k_pos; /* [block] positions of a contiguous block */
     int32_t *k_hi;  /* [n_q] last position whose key a query sees quantized */
     int32_t *v_hi;  /* [n_q] likewise values */
-    int32_t *k_lo;  /* [n_q] the key cut as an index (scratch) */
-    int32_t *v_lo;  /* [n_q] the value cut as an index */
+    int32_t *lo_hi; /* [n_q] min(k_hi, v_hi) */
+    int32_t *hi_hi; /* [n_q] max(k_hi, v_hi) */
+    uint32_t *kc, *vc; /* [n_q] the cuts as indices */
     float *attn;    /* kvck_attn state */
     float *src;     /* kvck_attn_block_src scratch */
     size_t floats;
@@ -43,6 +44,14 @@ static size_t src_floats(const kvcp_qs *q, uint32_t layer, size_t rows)
     return m;
 }
 
+/* Index ranges of main tokens the passes of one chunk of queries need. */
+typedef struct qs_span {
+    uint32_t both_q;            /* [0, both_q): both forms quantized for some query */
+    uint32_t kraw_lo, kraw_hi;  /* key raw, value quantized */
+    uint32_t vraw_lo, vraw_hi;  /* key quantized, value raw */
+    uint32_t raw_from;          /* [raw_from, main): both raw */
+} qs_span;
+
 /* Carves scratch for n_q queries at base; with base NULL only counts
  * (sc->floats). */
 static void scratch_plan(const kvcp_qs *q, uint32_t layer, uint32_t n_q, float *base,
@@ -51,7 +60,7 @@ static void scratch_plan(const kvcp_qs *q, uint32_t layer, uint32_t n_q, float *
     const kvcp_geom *g = q->g;
     const size_t d = g->head_dim, B = q->o.block, rows = (size_t)QS_Q_CHUNK * g->group;
     const size_t sizes[] = {(size_t)n_q * g->n_q * d, rows * d, rows * d, B * d, B,
-                            n_q, n_q, n_q, n_q,
+                            n_q, n_q, n_q, n_q, n_q, n_q,
                             kvck_attn_scratch_floats(rows, d, B), src_floats(q, layer, rows)};
     size_t o[sizeof sizes / sizeof sizes[0]], off = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
@@ -66,10 +75,12 @@ static void scratch_plan(const kvcp_qs *q, uint32_t layer, uint32_t n_q, float *
         sc->k_pos = (int32_t *)(base + o[4]);
         sc->k_hi = (int32_t *)(base + o[5]);
         sc->v_hi = (int32_t *)(base + o[6]);
-        sc->k_lo = (int32_t *)(base + o[7]);
-        sc->v_lo = (int32_t *)(base + o[8]);
-        sc->attn = base + o[9];
-        sc->src = base + o[10];
+        sc->lo_hi = (int32_t *)(base + o[7]);
+        sc->hi_hi = (int32_t *)(base + o[8]);
+        sc->kc = (uint32_t *)(base + o[9]);
+        sc->vc = (uint32_t *)(base + o[10]);
+        sc->attn = base + o[11];
+        sc->src = base + o[12];
     }
     sc->floats = off;
 }
@@ -154,8 +165,11 @@ static void block_srcs(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer,
     if (vq) /* o == 0 for quantized rows: they start a block */
         *vs = src_q(&lf->v[h], KVCK_QS_TOKEN, p.v_codes, p.v_sz, p.v_out,
                     out_upto(p.v_out, *p.v_nout, n));
+    else if (q->o.v_raw8)
+        *vs = src_q(&q->vraw8, KVCK_QS_TOKEN, qs_rawv(q, blk, h) + (size_t)o * q->rawv_row,
+                    qs_rawv_sz(q, blk, h) + 2 * (size_t)o, NULL, 0);
     else
-        *vs = src_f16(qs_rawv(q, blk, h) + (size_t)o * d, d);
+        *vs = src_f16((const uint16_t *)qs_rawv(q, blk, h) + (size_t)o * d, d);
     if (q->o.k_pre) {
         if (kq) {
             qs_dequant_keys(q, L, layer, b, h, sc->k_buf);
@@ -199,11 +213,14 @@ static void main_pass(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, 
     }
 }
 
-/* The passes of one KV head over one chunk of queries: sinks; main
- * tokens with both forms quantized (below each query's key cut); key raw
- * and value quantized (between the cuts); both raw (above the value cut). */
+/* The passes of one KV head over one chunk of queries: sinks; then main
+ * tokens with both forms quantized (below both of a query's cuts), only
+ * the key raw (between the key cut and a higher value cut), only the
+ * value raw (between the value cut and a higher key cut), both raw
+ * (above both). Each query's bounds leave it one form per token; span
+ * holds the index ranges any query of the chunk may need. */
 static void head_pass(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, uint32_t h,
-                      kvck_attn *a, const qs_scratch *sc, uint32_t q0, const uint32_t span[4],
+                      kvck_attn *a, const qs_scratch *sc, uint32_t q0, const qs_span *sp,
                       int32_t hi_max)
 {
     const kvcp_geom *g = q->g;
@@ -214,15 +231,18 @@ static void head_pass(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, 
         kvck_src vs = src_f16(qs_sink_v(q, L, s0) + (size_t)h * d, (size_t)H * d);
         kvck_attn_block_src(a, sc->q_buf, d, &ks, &vs, L->sink_pos + s0, n, sc->src);
     }
-    /* span: [0, kmax) both quantized, [kmin, vmax) key raw, [vmin, main)
-     * both raw, as indices any query of the chunk may need; the bounds
-     * make each query take its own share. */
-    kvck_attn_bounds(a, sc->k_hi + q0, NULL);
-    main_pass(q, L, layer, h, a, sc, 0, span[0], 1, 1, hi_max);
-    kvck_attn_bounds(a, sc->v_hi + q0, sc->k_hi + q0);
-    main_pass(q, L, layer, h, a, sc, span[1], span[2], 0, 1, hi_max);
-    kvck_attn_bounds(a, NULL, sc->v_hi + q0);
-    main_pass(q, L, layer, h, a, sc, span[3], qs_main(L), 0, 0, hi_max);
+    kvck_attn_bounds(a, sc->lo_hi + q0, NULL);
+    main_pass(q, L, layer, h, a, sc, 0, sp->both_q, 1, 1, hi_max);
+    if (sp->kraw_lo < sp->kraw_hi) {
+        kvck_attn_bounds(a, sc->v_hi + q0, sc->k_hi + q0);
+        main_pass(q, L, layer, h, a, sc, sp->kraw_lo, sp->kraw_hi, 0, 1, hi_max);
+    }
+    if (sp->vraw_lo < sp->vraw_hi) {
+        kvck_attn_bounds(a, sc->k_hi + q0, sc->v_hi + q0);
+        main_pass(q, L, layer, h, a, sc, sp->vraw_lo, sp->vraw_hi, 1, 0, hi_max);
+    }
+    kvck_attn_bounds(a, NULL, sc->hi_hi + q0);
+    main_pass(q, L, layer, h, a, sc, sp->raw_from, qs_main(L), 0, 0, hi_max);
     kvck_attn_bounds(a, NULL, NULL);
 }
 
@@ -253,7 +273,6 @@ kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
     const uint32_t m = qs_main(L);
     const uint32_t kq = L->kq < m ? L->kq : m, vq = L->vq < m ? L->vq : m;
     int32_t qmax = pos[0];
-    uint32_t *kc = (uint32_t *)sc.k_lo, *vc = (uint32_t *)sc.v_lo; /* [n_q] cuts as indices */
     for (uint32_t i = 0; i < n_q; i++) {
         const uint32_t c = kvcp_qs_count_upto(q, L, pos[i]);
         uint32_t k = kvcp_qs_kq_count(q, c), v = kvcp_qs_vq_count(q, c);
@@ -261,12 +280,13 @@ kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
         v = v > L->vraw_from ? v : L->vraw_from;
         k = k < kq ? k : kq;
         v = v < vq ? v : vq;
-        v = v > k ? v : k;
-        kc[i] = k;
-        vc[i] = v;
+        sc.kc[i] = k;
+        sc.vc[i] = v;
         const int32_t kp = k ? qs_main_pos(q, L, k - 1) : -1, vp = v ? qs_main_pos(q, L, v - 1) : -1;
         sc.k_hi[i] = kp < pos[i] ? kp : pos[i];
         sc.v_hi[i] = vp < pos[i] ? vp : pos[i];
+        sc.lo_hi[i] = sc.k_hi[i] < sc.v_hi[i] ? sc.k_hi[i] : sc.v_hi[i];
+        sc.hi_hi[i] = sc.k_hi[i] > sc.v_hi[i] ? sc.k_hi[i] : sc.v_hi[i];
         qmax = pos[i] > qmax ? pos[i] : qmax;
     }
 
@@ -274,13 +294,20 @@ kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
         const uint32_t nc = n_q - q0 < QS_Q_CHUNK ? n_q - q0 : QS_Q_CHUNK;
         const size_t rows = (size_t)nc * G;
         int32_t hi_max = -1;
-        uint32_t span[4] = {0, m, 0, m}; /* kmax, kmin, vmax, vmin */
+        qs_span sp = {0, m, 0, m, 0, m};
         for (uint32_t i = q0; i < q0 + nc; i++) {
+            const uint32_t k = sc.kc[i], v = sc.vc[i];
+            const uint32_t lo = k < v ? k : v, hi = k > v ? k : v;
             hi_max = pos[i] > hi_max ? pos[i] : hi_max;
-            span[0] = kc[i] > span[0] ? kc[i] : span[0];
-            span[1] = kc[i] < span[1] ? kc[i] : span[1];
-            span[2] = vc[i] > span[2] ? vc[i] : span[2];
-            span[3] = vc[i] < span[3] ? vc[i] : span[3];
+            sp.both_q = lo > sp.both_q ? lo : sp.both_q;
+            sp.raw_from = hi < sp.raw_from ? hi : sp.raw_from;
+            if (k < v) {
+                sp.kraw_lo = k < sp.kraw_lo ? k : sp.kraw_lo;
+                sp.kraw_hi = v > sp.kraw_hi ? v : sp.kraw_hi;
+            } else if (v < k) {
+                sp.vraw_lo = v < sp.vraw_lo ? v : sp.vraw_lo;
+                sp.vraw_hi = k > sp.vraw_hi ? k : sp.vraw_hi;
+            }
         }
         for (uint32_t h = 0; h < g->n_kv; h++) {
             for (uint32_t i = 0; i < nc; i++)
@@ -290,7 +317,7 @@ kvc_status kvcp_qs_attend(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
             kvck_attn a;
             kvck_attn_init(&a, rows, G, d, d, q->o.block, g->window, pos + q0, sc.attn);
             kvck_attn_row_invariant(&a); /* batched == single steps, to the byte */
-            head_pass(q, L, layer, h, &a, &sc, q0, span, hi_max);
+            head_pass(q, L, layer, h, &a, &sc, q0, &sp, hi_max);
             kvck_attn_finish(&a, sc.o_buf, d);
             for (uint32_t i = 0; i < nc; i++) {
                 float *o = out + ((size_t)(q0 + i) * g->n_q + (size_t)h * G) * d;
@@ -345,8 +372,7 @@ kvc_status kvcp_qs_expand(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t lay
             if (nv)
                 qs_dequant_values(q, L, layer, b, h, vb);
             if (n > nv)
-                kvck_f16_to_f32_n(qs_rawv(q, blk, h) + (size_t)nv * d, vb + (size_t)nv * d,
-                                  (size_t)(n - nv) * d);
+                qs_rawv_rows(q, blk, h, nv, n - nv, vb + (size_t)nv * d);
             if (q->o.k_pre)
                 rope_rows(q, kb, n, bp);
             for (uint32_t i = 0; i < n; i++) {

@@ -199,7 +199,12 @@ kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
     q->row = (size_t)H * d;
     q->rawk_row = q->raw_sz ? d : d * sizeof(uint16_t);
     q->rawk_bytes = (size_t)H * B * q->rawk_row;
-    q->rawv_bytes = (size_t)H * B * d * sizeof(uint16_t);
+    q->rawv_row = o->v_raw8 ? d : d * sizeof(uint16_t);
+    q->rawv_bytes = (size_t)H * B * q->rawv_row + (o->v_raw8 ? (size_t)H * B * 4 : 0);
+    if (o->v_raw8 && kvck_qfmt_uniform(&q->vraw8, d, 8, d)) {
+        kvcp_qs_free(q);
+        return kvcp_fail(msg, cap, KVC_E_INVALID, "no 8-bit row format for head_dim %u", d);
+    }
     q->param_bytes = (uint64_t)q->n_fmts * sizeof(kvck_qfmt) + (uint64_t)L * sizeof(kvcp_qs_lfmt) +
                      (uint64_t)L * H * sizeof(kvcp_qs_head) +
                      (q->k_signs ? d * sizeof(float) : 0) + (q->v_signs ? d * sizeof(float) : 0) +
@@ -250,8 +255,8 @@ uint64_t kvcp_qs_seq_overhead(const kvcp_qs *q)
     /* Raw rows at rest: the window, plus for per-channel keys the block
      * being filled, in whole raw blocks; two more for the partly used
      * blocks at either end of a batch whose pending rows are not counted. */
-    uint64_t k_tokens = (uint64_t)q->o.window + (q->o.k_mode == KVCK_QS_CHANNEL ? B - 1 : 0);
-    uint64_t k_blocks = (k_tokens + B - 1) / B + 2, v_blocks = (q->o.window + B - 1) / B + 2;
+    uint64_t k_tokens = (uint64_t)q->o.k_window + (q->o.k_mode == KVCK_QS_CHANNEL ? B - 1 : 0);
+    uint64_t k_blocks = (k_tokens + B - 1) / B + 2, v_blocks = (q->o.v_window + B - 1) / B + 2;
     uint64_t q_max = 0;
     for (uint32_t l = 0; l < g->n_layers; l++)
         q_max = q->lf[l].q_bytes > q_max ? q->lf[l].q_bytes : q_max;
@@ -272,12 +277,13 @@ static uint32_t main_of(const kvcp_qs *q, uint32_t n)
 uint32_t kvcp_qs_vq_count(const kvcp_qs *q, uint32_t n)
 {
     uint32_t m = main_of(q, n);
-    return m > q->o.window ? m - q->o.window : 0;
+    return m > q->o.v_window ? m - q->o.v_window : 0;
 }
 
 uint32_t kvcp_qs_kq_count(const kvcp_qs *q, uint32_t n)
 {
-    uint32_t old = kvcp_qs_vq_count(q, n);
+    uint32_t m = main_of(q, n);
+    uint32_t old = m > q->o.k_window ? m - q->o.k_window : 0;
     return q->o.k_mode == KVCK_QS_CHANNEL ? old / q->o.block * q->o.block : old;
 }
 
@@ -293,7 +299,8 @@ uint32_t kvcp_qs_fingerprint(const kvcp_qs *q)
 {
     uLong c = crc32(0L, Z_NULL, 0);
     const kvcp_qs_opts *o = &q->o;
-    const uint32_t words[] = {o->block, o->sink, o->window, (uint32_t)o->k_mode, (uint32_t)o->k_pre,
+    const uint32_t words[] = {o->block, o->sink, o->k_window, o->v_window, (uint32_t)o->v_raw8,
+                              (uint32_t)o->k_mode, (uint32_t)o->k_pre,
                               (uint32_t)o->k_hadamard, (uint32_t)o->v_hadamard,
                               (uint32_t)llround(o->k_outliers * 1e6),
                               (uint32_t)llround(o->v_outliers * 1e6), (uint32_t)o->seed,

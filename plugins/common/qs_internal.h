@@ -33,14 +33,21 @@ static inline void qs_qhead_at(const kvcp_qs *q, uint32_t layer, uint8_t *qb, ui
 }
 
 /* Raw rows of head h in a block: keys [block][rawk_row] bytes, values
- * [block][d] fp16. */
+ * [block][rawv_row] bytes (fp16, or 8-bit codes whose per-row scale and
+ * zero qs_rawv_sz gives). */
 static inline uint8_t *qs_rawk(const kvcp_qs *q, const kvcp_qs_block *b, uint32_t h)
 {
     return b->rawk + (size_t)h * q->o.block * q->rawk_row;
 }
-static inline uint16_t *qs_rawv(const kvcp_qs *q, const kvcp_qs_block *b, uint32_t h)
+static inline uint8_t *qs_rawv(const kvcp_qs *q, const kvcp_qs_block *b, uint32_t h)
 {
-    return b->rawv + (size_t)h * q->o.block * q->g->head_dim;
+    return b->rawv + (size_t)h * q->o.block * q->rawv_row;
+}
+/* 8-bit raw values' (scale, zero) of head h: [block][2] fp16. */
+static inline uint16_t *qs_rawv_sz(const kvcp_qs *q, const kvcp_qs_block *b, uint32_t h)
+{
+    return (uint16_t *)(b->rawv + (size_t)q->g->n_kv * q->o.block * q->rawv_row) +
+           (size_t)h * q->o.block * 2;
 }
 /* The fixed per-channel scales of raw keys of head h, or NULL (fp16). */
 static inline const uint16_t *qs_raw_sz(const kvcp_qs *q, uint32_t layer, uint32_t h)
@@ -84,6 +91,13 @@ size_t qs_quant_scratch_floats(const kvcp_qs *q);
  * stored form (pre- or post-RoPE, natural channel order). */
 void qs_rawk_rows(const kvcp_qs *q, uint32_t layer, const kvcp_qs_block *b, uint32_t h,
                   uint32_t j0, uint32_t n, float *x);
+
+/* Raw value rows [j0, j0 + n) of block b, head h, as floats [n][d] (in
+ * the stored basis: Hadamard-rotated when values are); and the reverse. */
+void qs_rawv_rows(const kvcp_qs *q, const kvcp_qs_block *b, uint32_t h, uint32_t j0, uint32_t n,
+                  float *x);
+void qs_rawv_put(const kvcp_qs *q, kvcp_qs_block *b, uint32_t h, uint32_t j0, uint32_t n,
+                 const float *x, size_t ldx);
 
 /* Quantizes the keys of main tokens [from, to) (whole blocks when scaled
  * per channel) / the values of [from, to) from their raw rows; the Q

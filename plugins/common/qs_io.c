@@ -4,7 +4,7 @@
  *   u32 n, n_sink, kq, vq, kraw_from, vraw_from
  *   i32 positions [n]
  *   sinks: K rows [n_sink][n_kv][d] fp16, then V rows
- *   per Q block b (b * block < vq), per head, with rk and rv the rows of
+ *   per Q block b (b * block < max(kq, vq)), per head, with rk and rv the rows of
  *   b whose key / value is quantized (a per-channel key block: all or
  *   none):
  *     u32 k_nout, v_nout
@@ -14,7 +14,8 @@
  *     outliers [v_nout]
  *   raw keys of main tokens [kraw_from, main): per token, per head, a raw
  *   key row (fp16 [d], or 8-bit codes [d]); raw values of [vraw_from,
- *   main): per token, per head, fp16 [d].
+ *   main): per token, per head, fp16 [d], or 8-bit codes [d] and their
+ *   fp16 scale and zero.
  * Only what the tokens use is written, so equal contents give equal bytes.
  */
 #include <string.h>
@@ -76,7 +77,8 @@ void kvcp_qs_write(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, kvc
         w_u16s(w, qs_sink_k(q, L, 0), (size_t)L->n_sink * q->row);
         w_u16s(w, qs_sink_v(q, L, 0), (size_t)L->n_sink * q->row);
     }
-    for (uint32_t b = 0; b * B < L->vq; b++) {
+    const uint32_t q_end = L->vq > L->kq ? L->vq : L->kq;
+    for (uint32_t b = 0; b * B < q_end; b++) {
         const uint32_t rk = key_rows(q, L, b), rv = rows_of(q, L->vq, b);
         for (uint32_t h = 0; h < H; h++) {
             qs_qhead p;
@@ -97,8 +99,16 @@ void kvcp_qs_write(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_t layer, kvc
             kvcp_w_bytes(w, qs_rawk(q, &L->blocks[t / B], h) + (size_t)(t % B) * q->rawk_row,
                          q->rawk_row);
     for (uint32_t t = L->vraw_from; t < m; t++)
-        for (uint32_t h = 0; h < H; h++)
-            w_u16s(w, qs_rawv(q, &L->blocks[t / B], h) + (size_t)(t % B) * d, d);
+        for (uint32_t h = 0; h < H; h++) {
+            const kvcp_qs_block *blk = &L->blocks[t / B];
+            const uint8_t *row = qs_rawv(q, blk, h) + (size_t)(t % B) * q->rawv_row;
+            if (q->o.v_raw8) {
+                kvcp_w_bytes(w, row, q->rawv_row);
+                w_u16s(w, qs_rawv_sz(q, blk, h) + 2 * (size_t)(t % B), 2);
+            } else {
+                w_u16s(w, (const uint16_t *)row, d);
+            }
+        }
 }
 
 /* 1 when every fp16 value of p [n] is finite. */
@@ -148,9 +158,9 @@ static int read_outs(kvcp_reader *r, kvck_qout *o, uint32_t n, uint32_t rows, ui
 }
 
 /* The counts of a layer record are consistent: sinks as the length
- * implies, kraw_from <= kq <= vq <= main, vraw_from <= vq, at least what
- * the length quantizes (more is allowed: left by a truncate without
- * memory), kraw_from <= vraw_from. */
+ * implies, kraw_from <= kq <= main, vraw_from <= vq <= main, at least what
+ * the length quantizes (more is allowed: a truncate keeps quantized rows
+ * quantized). */
 static int counts_ok(const kvcp_qs *q, uint32_t n, uint32_t n_sink, uint32_t kq, uint32_t vq,
                      uint32_t kraw, uint32_t vraw)
 {
@@ -158,8 +168,8 @@ static int counts_ok(const kvcp_qs *q, uint32_t n, uint32_t n_sink, uint32_t kq,
     if (n > q->g->max_positions || n_sink != sink)
         return 0;
     const uint32_t m = n - n_sink;
-    return kraw <= kq && kq <= vq && vq <= m && vraw <= vq && kraw <= vraw &&
-           kq >= kvcp_qs_kq_count(q, n) && vq >= kvcp_qs_vq_count(q, n);
+    return kraw <= kq && kq <= m && vq <= m && vraw <= vq && kq >= kvcp_qs_kq_count(q, n) &&
+           vq >= kvcp_qs_vq_count(q, n);
 }
 
 kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, uint32_t layer,
@@ -234,7 +244,7 @@ kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, 
             cnt->pos += (size_t)B * sizeof(int32_t);
             memcpy(blk->pos, bp, (size_t)cntb * sizeof(int32_t));
         }
-        if (b * B < vq) {
+        if (b * B < vq || b * B < kq) {
             if (!(blk->q = kvcp_alloc(q->host, lf->q_bytes, KVC_USAGE_CACHE)))
                 goto nomem;
             cnt->q += lf->q_bytes;
@@ -250,7 +260,7 @@ kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, 
             cnt->raw += q->rawv_bytes;
         }
     }
-    for (uint32_t b = 0; b * B < vq; b++) {
+    for (uint32_t b = 0; b * B < vq || b * B < kq; b++) {
         const uint32_t rk = key_rows(q, L, b), rv = rows_of(q, vq, b);
         for (uint32_t h = 0; h < H; h++) {
             qs_qhead p;
@@ -281,11 +291,17 @@ kvc_status kvcp_qs_read(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, 
             }
         }
     for (uint32_t t = vraw; t < m; t++)
-        for (uint32_t h = 0; h < H; h++)
-            if (read_f16(r, qs_rawv(q, &L->blocks[t / B], h) + (size_t)(t % B) * d, d)) {
+        for (uint32_t h = 0; h < H; h++) {
+            const kvcp_qs_block *blk = &L->blocks[t / B];
+            uint8_t *row = qs_rawv(q, blk, h) + (size_t)(t % B) * q->rawv_row;
+            int bad = q->o.v_raw8 ? read_bytes(r, row, q->rawv_row) ||
+                                        read_f16(r, qs_rawv_sz(q, blk, h) + 2 * (size_t)(t % B), 2)
+                                  : read_f16(r, (uint16_t *)row, d);
+            if (bad) {
                 CORRUPT("import: layer %u: raw values damaged or truncated", layer);
                 goto out;
             }
+        }
     goto out;
 nomem:
     st = kvcp_fail(msg, cap, KVC_E_NOMEM, "import: out of memory (layer %u)", layer);

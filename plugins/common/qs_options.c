@@ -72,7 +72,7 @@ kvc_status kvcp_qs_opts_parse(const kvcp_optval *v, const kvcp_geom *g, uint32_t
     o->k_mode = v[KVCP_QS_OPT_K_SCALE].num == 0 ? KVCK_QS_CHANNEL : KVCK_QS_TOKEN;
     o->k_pre = v[KVCP_QS_OPT_K_ROPE].num == 0;
     o->sink = (uint32_t)v[KVCP_QS_OPT_SINK].num;
-    o->window = (uint32_t)v[KVCP_QS_OPT_WINDOW].num;
+    o->k_window = o->v_window = (uint32_t)v[KVCP_QS_OPT_WINDOW].num;
     o->k_outliers = o->v_outliers = v[KVCP_QS_OPT_OUTLIERS].num;
     o->seed = KVCP_QS_SEED;
     switch ((int)v[KVCP_QS_OPT_HADAMARD].num) {

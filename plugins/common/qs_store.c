@@ -61,6 +61,32 @@ void qs_rawk_rows(const kvcp_qs *q, uint32_t layer, const kvcp_qs_block *b, uint
         kvck_f16_to_f32_n((const uint16_t *)src, x, (size_t)n * d);
 }
 
+void qs_rawv_rows(const kvcp_qs *q, const kvcp_qs_block *b, uint32_t h, uint32_t j0, uint32_t n,
+                  float *x)
+{
+    const uint32_t d = q->g->head_dim;
+    const uint8_t *src = qs_rawv(q, b, h) + (size_t)j0 * q->rawv_row;
+    if (q->o.v_raw8)
+        kvck_q_dequantize(&q->vraw8, KVCK_QS_TOKEN, n, src, qs_rawv_sz(q, b, h) + 2 * (size_t)j0,
+                          x, d);
+    else
+        kvck_f16_to_f32_n((const uint16_t *)src, x, (size_t)n * d);
+}
+
+void qs_rawv_put(const kvcp_qs *q, kvcp_qs_block *b, uint32_t h, uint32_t j0, uint32_t n,
+                 const float *x, size_t ldx)
+{
+    const uint32_t d = q->g->head_dim;
+    uint8_t *dst = qs_rawv(q, b, h) + (size_t)j0 * q->rawv_row;
+    for (uint32_t i = 0; i < n; i++) {
+        if (q->o.v_raw8)
+            kvck_q_quantize(&q->vraw8, KVCK_QS_TOKEN, 1, x + i * ldx, d, NULL,
+                            dst + i * q->rawv_row, qs_rawv_sz(q, b, h) + 2 * ((size_t)j0 + i));
+        else
+            kvck_f32_to_f16_n(x + i * ldx, (uint16_t *)(dst + i * q->rawv_row), d);
+    }
+}
+
 /* Writes n float key rows x [n][d] as raw rows j0.. of block b, head h. */
 static void rawk_put(const kvcp_qs *q, uint32_t layer, kvcp_qs_block *b, uint32_t h, uint32_t j0,
                      uint32_t n, const float *x, size_t ldx)
@@ -218,7 +244,7 @@ void qs_quantize_values(const kvcp_qs *q, kvcp_qs_layer *L, uint32_t layer, uint
             qs_qhead_at(q, layer, blk->q, h, &p);
             if (j == 0)
                 *p.v_nout = 0;
-            kvck_f16_to_f32_n(qs_rawv(q, blk, h) + (size_t)j * d, s.x, d);
+            qs_rawv_rows(q, blk, h, j, 1, s.x);
             to_stored(perm, d, 1, s.x, s.xp);
             pick_outliers(vf, KVCK_QS_TOKEN, 1, s.xp, j, row_room(lf->v_out_cap, B, j), &s,
                           p.v_out, p.v_nout);
@@ -293,8 +319,7 @@ static void dequantize_to_raw(const kvcp_qs *q, kvcp_qs_layer *L, uint32_t layer
                 rawk_put(q, layer, blk, h, lo, hi - lo, x + (size_t)lo * d, d);
             } else {
                 qs_dequant_values(q, L, layer, b, h, x);
-                kvck_f32_to_f16_n(x + (size_t)lo * d, qs_rawv(q, blk, h) + (size_t)lo * d,
-                                  (size_t)(hi - lo) * d);
+                qs_rawv_put(q, blk, h, lo, hi - lo, x + (size_t)lo * d, d);
             }
         }
     }
@@ -398,7 +423,7 @@ static kvc_status plan_allocate(const kvcp_qs *q, kvcp_qs_layer *L, append_plan 
                 return KVC_E_NOMEM;
             *g |= 2;
         }
-        if (b * B < pl->vq_new && !blk->q) { /* values quantize first (vq >= kq) */
+        if ((b * B < pl->vq_new || b * B < pl->kq_new) && !blk->q) {
             if (!(blk->q = kvcp_alloc(q->host, q->lf[layer].q_bytes, KVC_USAGE_CACHE)))
                 return KVC_E_NOMEM;
             *g |= 4;
@@ -487,8 +512,7 @@ kvc_status kvcp_qs_append(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt
         uint32_t i = m % B;
         for (uint32_t h = 0; h < H; h++) {
             rawk_put(q, layer, blk, h, i, 1, ks + ((size_t)t * H + h) * d, d);
-            kvck_f32_to_f16_n(vs + ((size_t)t * H + h) * d, qs_rawv(q, blk, h) + (size_t)i * d,
-                              d);
+            qs_rawv_put(q, blk, h, i, 1, vs + ((size_t)t * H + h) * d, d);
         }
         if (blk->pos)
             blk->pos[i] = pos[t];
@@ -544,7 +568,8 @@ uint64_t kvcp_qs_pending_bytes(const kvcp_qs *q, const kvcp_qs_layer *L)
 {
     const uint32_t m = qs_main(L);
     const uint32_t kq = L->kq < m ? L->kq : m, vq = L->vq < m ? L->vq : m;
-    const uint64_t k_tok = (uint64_t)q->g->n_kv * q->rawk_row, v_tok = q->row * sizeof(uint16_t);
+    const uint64_t k_tok = (uint64_t)q->g->n_kv * q->rawk_row;
+    const uint64_t v_tok = (uint64_t)q->g->n_kv * (q->rawv_row + (q->o.v_raw8 ? 4 : 0));
     return (kq > L->kraw_from ? (uint64_t)(kq - L->kraw_from) * k_tok : 0) +
            (vq > L->vraw_from ? (uint64_t)(vq - L->vraw_from) * v_tok : 0);
 }
@@ -638,7 +663,8 @@ void kvcp_qs_truncate(const kvcp_qs *q, kvcp_qs_layer *L, kvcp_qs_bytes *cnt, ui
     for (uint32_t b = keep; b < L->n_blocks; b++)
         block_free(q, &L->blocks[b], cnt, layer);
     L->n_blocks = keep;
-    for (uint32_t b = (L->vq + B - 1) / B; b < keep; b++)
+    const uint32_t q_end = L->vq > L->kq ? L->vq : L->kq;
+    for (uint32_t b = (q_end + B - 1) / B; b < keep; b++)
         if (L->blocks[b].q) {
             kvcp_free(q->host, L->blocks[b].q, q->lf[layer].q_bytes);
             cnt->q -= q->lf[layer].q_bytes;
@@ -737,8 +763,10 @@ uint64_t kvcp_qs_payload_bytes(const kvcp_qs *q, const kvcp_qs_layer *L, uint32_
         kc += q->lf[layer].k[h].row_bytes;
         vc += q->lf[layer].v[h].row_bytes;
     }
-    const uint64_t k_tok = (uint64_t)q->g->n_kv * q->rawk_row, v_tok = q->row * sizeof(uint16_t);
+    const uint64_t k_tok = (uint64_t)q->g->n_kv * q->rawk_row;
+    const uint64_t v_tok = (uint64_t)q->g->n_kv * (q->rawv_row + (q->o.v_raw8 ? 4 : 0));
+    const uint64_t sink_tok = 2 * q->row * sizeof(uint16_t);
     /* quantized rows' codes, raw rows (live and pending), sinks */
     return (uint64_t)kq * kc + (uint64_t)vq * vc + (uint64_t)(m - L->kraw_from) * k_tok +
-           (uint64_t)(m - L->vraw_from) * v_tok + (uint64_t)L->n_sink * 2 * v_tok;
+           (uint64_t)(m - L->vraw_from) * v_tok + (uint64_t)L->n_sink * sink_tok;
 }

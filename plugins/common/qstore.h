@@ -10,11 +10,12 @@
  *           value each either QUANTIZED (codes, fp16 scales and zero
  *           points, exact outliers, in the block's Q part) or RAW (the
  *           block's raw key rows: fp16, or 8-bit codes on fixed per-channel
- *           scales when the configuration has them; raw value rows: fp16).
- * A value is quantized once it is older than the newest `window` tokens;
- * a key likewise and, when keys are scaled per channel over a block, once
- * its block is complete. So keys[0, kq) and values[0, vq) are quantized,
- * kq <= vq.
+ *           scales when the configuration has them; raw value rows: fp16,
+ *           or 8-bit codes with a scale and zero per row).
+ * A value is quantized once it is older than the newest `v_window` tokens;
+ * a key once it is older than the newest `k_window` and, when keys are
+ * scaled per channel over a block, its block is complete. So keys[0, kq)
+ * and values[0, vq) are quantized.
  *
  * Quantization always reads the raw rows (never the caller's floats), so
  * the result does not depend on how appends were batched. A row is
@@ -22,9 +23,10 @@
  * PENDING until an attend covers the last appended position, because the
  * batch's earlier queries must still see it raw (the step rule,
  * KVC-REQ-1): a query at index t sees each key and value in the form it
- * had at time t. The streaming kernel does that in three passes whose
+ * had at time t. The streaming kernel does that in four passes whose
  * per-query bounds (kvck_attn_bounds) split the tokens at the query's two
- * cuts (both forms quantized / key raw, value quantized / both raw). After
+ * cuts (both quantized / only the key raw / only the value raw / both
+ * raw). After
  * the covering attend pending copies are freed; later queries at older
  * positions see the cache as it is then, restricted to their positions.
  *
@@ -49,7 +51,10 @@
 typedef struct kvcp_qs_opts {
     uint32_t block;     /* tokens per block (raw and quantized), <= 256 */
     uint32_t sink;      /* first tokens kept in fp16 */
-    uint32_t window;    /* newest tokens kept raw */
+    uint32_t k_window;  /* newest tokens whose keys stay raw */
+    uint32_t v_window;  /* newest tokens whose values stay raw */
+    int v_raw8;         /* raw values as 8-bit codes with a scale and zero per row
+                         * (instead of fp16): a cheap recent window */
     int k_mode;         /* KVCK_QS_CHANNEL (per channel over a block) or KVCK_QS_TOKEN */
     int k_pre;          /* 1: keys quantized before RoPE */
     int k_hadamard;     /* rotate keys (post-RoPE only) and queries */
@@ -107,7 +112,10 @@ typedef struct kvcp_qs {
     size_t rope_table_bytes;
     size_t rawk_row;          /* bytes of one raw key row: d * 2 (fp16) or d (8-bit) */
     size_t rawk_bytes;        /* one block's raw keys [n_kv][block][rawk_row] */
-    size_t rawv_bytes;        /* one block's raw values fp16 [n_kv][block][d] */
+    size_t rawv_row;          /* bytes of one raw value row: d * 2 (fp16) or d (8-bit) */
+    size_t rawv_bytes;        /* one block's raw values [n_kv][block][rawv_row], then
+                               * with v_raw8 their (scale, zero) fp16 [n_kv][block][2] */
+    kvck_qfmt vraw8;          /* 8 bits, one group per row: raw values with v_raw8 */
     size_t row;               /* values of one token's K (or V): n_kv * d */
     uint64_t param_bytes;     /* everything above, at the allocator */
 } kvcp_qs;
@@ -117,7 +125,7 @@ typedef struct kvcp_qs_block {
     int32_t pos0;    /* position of its first token */
     int32_t *pos;    /* [block] positions, or NULL while contiguous */
     uint8_t *rawk;   /* raw keys [n_kv][block][rawk_row], or NULL */
-    uint16_t *rawv;  /* raw values fp16 [n_kv][block][d], or NULL */
+    uint8_t *rawv;   /* raw values (see kvcp_qs.rawv_bytes), or NULL */
     uint8_t *q;      /* the layer's Q block layout, or NULL */
 } kvcp_qs_block;
 
@@ -125,9 +133,9 @@ typedef struct kvcp_qs_block {
 typedef struct kvcp_qs_layer {
     uint32_t n;           /* tokens appended (sinks included) */
     uint32_t n_sink;      /* sink tokens held: min(n, sink) */
-    uint32_t kq, vq;      /* main tokens whose key / value is quantized (kq <= vq) */
+    uint32_t kq, vq;      /* main tokens whose key / value is quantized */
     uint32_t kraw_from;   /* main tokens [kraw_from, main) have raw keys (kraw_from <= kq) */
-    uint32_t vraw_from;   /* likewise values (kraw_from <= vraw_from <= vq) */
+    uint32_t vraw_from;   /* likewise values (vraw_from <= vq) */
     int32_t last_pos;     /* -1 when empty */
     uint16_t *sink_kv;    /* K then V fp16 [2][sink][n_kv][d], then positions, or NULL */
     int32_t *sink_pos;    /* [sink] */

@@ -202,7 +202,7 @@ static kvc_status full_instance_stats(const kvc_instance *in, kvc_instance_stats
     uint64_t caps = full_plugin.caps;
     if (in->quant || in->dtype != FULL_F32)
         caps &= ~KVC_CAP_EXACT;
-    if (in->quant && (in->qs.o.k_mode == KVCK_QS_CHANNEL || in->qs.o.window))
+    if (in->quant && (in->qs.o.k_mode == KVCK_QS_CHANNEL || in->qs.o.k_window || in->qs.o.v_window))
         caps &= ~KVC_CAP_TRUNCATE;
     return kvcp_instance_stats_out(out, in->quant ? in->qs.param_bytes : 0, sizeof *in,
                                    in->kv_ratio, in->seq_overhead, caps);

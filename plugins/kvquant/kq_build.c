@@ -363,7 +363,8 @@ kvc_status kq_build(kvc_instance *in, char *msg, size_t cap)
     memset(&o, 0, sizeof o);
     o.block = c->block;
     o.sink = c->sink;
-    o.window = c->window;
+    o.v_window = c->window; /* keys: the block being filled is their window */
+    o.v_raw8 = c->raw8v;
     o.k_mode = KVCK_QS_CHANNEL;
     o.k_pre = 1;
     o.v_hadamard = 1;

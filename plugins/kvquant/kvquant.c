@@ -13,8 +13,8 @@
 
 /* ---- options ------------------------------------------------------------- */
 
-enum { OPT_K_BITS, OPT_V_BITS, OPT_ALLOC, OPT_LEVELS, OPT_RAW_KEYS, OPT_KV_RATIO, OPT_BLOCK,
-       OPT_GROUP, OPT_SINK, OPT_WINDOW, OPT_OUTLIERS, OPT_NOTE, N_OPTS };
+enum { OPT_K_BITS, OPT_V_BITS, OPT_ALLOC, OPT_LEVELS, OPT_RAW_KEYS, OPT_RAW_VALUES, OPT_KV_RATIO,
+       OPT_BLOCK, OPT_GROUP, OPT_SINK, OPT_WINDOW, OPT_OUTLIERS, OPT_NOTE, N_OPTS };
 
 #define OPT(name_, type_, def_, choices_, min_, max_, help_)                                    \
     {sizeof(kvc_option_desc), type_, name_, def_, choices_, min_, max_, help_}
@@ -38,6 +38,10 @@ static const kvc_option_desc opt_raw_keys = OPT(
     "raw_keys", KVC_OPT_ENUM, "q8", "fp16|q8", 0, 0,
     "The key block being filled (quantized per channel once complete): fp16, or 8-bit codes on "
     "calibrated per-channel scales.");
+static const kvc_option_desc opt_raw_values = OPT(
+    "raw_values", KVC_OPT_ENUM, "q8", "fp16|q8", 0, 0,
+    "Values of the newest `window` tokens (quantized to v_bits once older): fp16, or 8-bit "
+    "codes with a scale and zero per row.");
 static const kvc_option_desc opt_kv_ratio = OPT(
     "kv_ratio", KVC_OPT_FLOAT, "", NULL, 0.01, 64.0,
     "Memory budget as a fraction of an fp16 full cache: with k_bits and v_bits unset, picks the "
@@ -54,7 +58,8 @@ static const kvc_option_desc opt_sink = OPT(
     "First tokens of a sequence kept in fp16 (attention sinks).");
 static const kvc_option_desc opt_window = OPT(
     "window", KVC_OPT_INT, "0", NULL, 0, 65536,
-    "Newest tokens kept raw (keys in the raw_keys form, values in fp16).");
+    "Newest tokens whose values stay raw (in the raw_values form); keys are raw while their "
+    "block fills.");
 static const kvc_option_desc opt_outliers = OPT(
     "outliers", KVC_OPT_FLOAT, "0", NULL, 0, 0.25,
     "Fraction of key and value entries kept exactly in fp16 beside the codes.");
@@ -63,8 +68,9 @@ static const kvc_option_desc opt_note = OPT(
     "Free text kept in the artifact: which calibration texts and how many tokens (kvc prepare "
     "fills it).");
 static const kvc_option_desc *const kq_options[N_OPTS] = {
-    &opt_k_bits, &opt_v_bits, &opt_alloc,  &opt_levels,   &opt_raw_keys, &opt_kv_ratio,
-    &opt_block,  &opt_group,  &opt_sink,   &opt_window,   &opt_outliers, &opt_note};
+    &opt_k_bits, &opt_v_bits,   &opt_alloc,  &opt_levels, &opt_raw_keys, &opt_raw_values,
+    &opt_kv_ratio, &opt_block, &opt_group, &opt_sink,   &opt_window,   &opt_outliers,
+    &opt_note};
 
 static const kvc_plugin kq_plugin;
 
@@ -110,6 +116,7 @@ static kvc_status kq_create(const kvc_create_info *info, kvc_instance **out, cha
     c.alloc = (int)v[OPT_ALLOC].num;
     c.levels = (int)v[OPT_LEVELS].num;
     c.raw8 = v[OPT_RAW_KEYS].num == 1;
+    c.raw8v = v[OPT_RAW_VALUES].num == 1;
     c.block = (uint32_t)v[OPT_BLOCK].num;
     c.group = (uint32_t)v[OPT_GROUP].num;
     c.sink = (uint32_t)v[OPT_SINK].num;

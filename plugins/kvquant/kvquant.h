@@ -59,6 +59,7 @@ typedef struct kq_config {
     uint32_t v_bits;
     int alloc, levels;
     int raw8;          /* raw keys as 8-bit codes on calibrated scales */
+    int raw8v;         /* raw values as 8-bit codes (per-row scale) */
     uint32_t block, group, sink, window;
     double outliers;
     double kv_ratio;   /* 0 = not set */
