@@ -93,7 +93,7 @@ typedef struct kvck_qfmt {
     uint32_t row_bytes; /* packed codes of one row */
     uint32_t n_groups;  /* per-token groups: each segment split into ceil(len / group) */
     uint16_t gfirst[KVCK_QGROUP_MAX + 1]; /* [n_groups + 1] first channel of each group, then d */
-    float ulev[9][256];  /* uniform levels by width (internal) */
+    const float (*ulev)[256]; /* uniform levels by width [9][256] (one shared table) */
 } kvck_qfmt;
 
 /* Computes offsets, row_bytes and the groups. Returns 0, or -1 when the

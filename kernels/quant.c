@@ -11,6 +11,7 @@
 #include "quant_internal.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 /* ---- formats --------------------------------------------------------------- */
@@ -61,15 +62,29 @@ int kvck_qfmt_finish(kvck_qfmt *f)
     f->gfirst[g] = (uint16_t)f->d;
     f->n_groups = n_groups;
     f->row_bytes = off;
-    /* Uniform levels c / L, a correctly rounded float division, so every
-     * path reads the same floats from this table. */
-    memset(f->ulev, 0, sizeof f->ulev);
+    f->ulev = kvcki_uniform_levels();
+    return 0;
+}
+
+/* Uniform levels c / L, a correctly rounded float division, so every path
+ * reads the same floats from this table; filled once (formats are small
+ * and many: they point here rather than carry 9 KiB each). */
+static float g_ulev[9][256];
+static pthread_once_t g_ulev_once = PTHREAD_ONCE_INIT;
+
+static void ulev_fill(void)
+{
     for (unsigned w = 1; w <= 8; w++) {
         const unsigned L = (1u << w) - 1u;
         for (unsigned c = 0; c <= L; c++)
-            f->ulev[w][c] = (float)c / (float)L;
+            g_ulev[w][c] = (float)c / (float)L;
     }
-    return 0;
+}
+
+const float (*kvcki_uniform_levels(void))[256]
+{
+    pthread_once(&g_ulev_once, ulev_fill);
+    return (const float (*)[256])g_ulev;
 }
 
 int kvck_qfmt_uniform(kvck_qfmt *f, uint32_t d, unsigned bits, uint32_t group)

@@ -16,6 +16,9 @@ void kvcki_planes(unsigned bits, unsigned *lo, unsigned *hi);
 /* Code of value i of n packed at `bits` (the scalar definition). */
 unsigned kvcki_code_at(unsigned bits, const uint8_t *in, size_t n, size_t i);
 
+/* Uniform levels [9][256] of every width (c / (2^w - 1)), shared. */
+const float (*kvcki_uniform_levels(void))[256];
+
 /* The levels of a segment: its table, or the format's uniform ones. */
 static inline const float *kvcki_seg_levels(const kvck_qfmt *f, const kvck_qseg *s)
 {

@@ -173,7 +173,8 @@ kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
         memcpy(q->raw_sz, o->k_raw_sz, lhd * 4);
         for (uint32_t l = 0; l < L; l++)
             q->lf[l].k_raw_sz = q->raw_sz + (size_t)l * H * d * 2;
-        if (kvck_qfmt_uniform(&q->raw8, d, 8, d)) {
+        const unsigned rb = o->k_raw_bits ? o->k_raw_bits : 8;
+        if (rb < 4 || kvck_qfmt_uniform(&q->raw8, d, rb, d)) {
             kvcp_qs_free(q);
             return kvcp_fail(msg, cap, KVC_E_INVALID, "no 8-bit row format for head_dim %u", d);
         }
@@ -197,7 +198,7 @@ kvc_status kvcp_qs_init(kvcp_qs *q, const kvc_host *host, const kvcp_geom *g,
         kvck_rope_table_fill(&g->rope, g->max_positions, q->rope_table);
     }
     q->row = (size_t)H * d;
-    q->rawk_row = q->raw_sz ? d : d * sizeof(uint16_t);
+    q->rawk_row = q->raw_sz ? q->raw8.row_bytes : d * sizeof(uint16_t);
     q->rawk_bytes = (size_t)H * B * q->rawk_row;
     q->rawv_row = o->v_raw8 ? d : d * sizeof(uint16_t);
     q->rawv_bytes = (size_t)H * B * q->rawv_row + (o->v_raw8 ? (size_t)H * B * 4 : 0);
@@ -300,6 +301,7 @@ uint32_t kvcp_qs_fingerprint(const kvcp_qs *q)
     uLong c = crc32(0L, Z_NULL, 0);
     const kvcp_qs_opts *o = &q->o;
     const uint32_t words[] = {o->block, o->sink, o->k_window, o->v_window, (uint32_t)o->v_raw8,
+                              o->k_raw_bits,
                               (uint32_t)o->k_mode, (uint32_t)o->k_pre,
                               (uint32_t)o->k_hadamard, (uint32_t)o->v_hadamard,
                               (uint32_t)llround(o->k_outliers * 1e6),

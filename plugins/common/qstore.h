@@ -73,10 +73,11 @@ typedef struct kvcp_qs_opts {
      * Keys only with k_pre; neither with the Hadamard rotation. */
     const uint16_t *k_perm, *v_perm;
     /* Optional, [n_layers][n_kv][d][2] fp16 (scale, zero) per channel,
-     * copied: raw keys (pre-RoPE, natural order) are then 8-bit codes on
-     * these fixed scales instead of fp16 (values outside clamp). k_pre
-     * only. */
+     * copied: raw keys (pre-RoPE, natural order) are then k_raw_bits-bit
+     * codes on these fixed scales instead of fp16 (values outside clamp).
+     * k_pre only. */
     const uint16_t *k_raw_sz;
+    unsigned k_raw_bits; /* with k_raw_sz: 4, 5, 6 or 8 (0 = 8) */
 } kvcp_qs_opts;
 
 /* Where one head's data sits inside a layer's Q block. */
@@ -106,11 +107,11 @@ typedef struct kvcp_qs {
     uint16_t *perms;          /* owned k_perm then v_perm copies, or NULL */
     size_t perms_bytes;
     uint16_t *raw_sz;         /* owned k_raw_sz copy, or NULL */
-    kvck_qfmt raw8;           /* 8 bits per channel, one group: raw keys on raw_sz */
+    kvck_qfmt raw8;           /* k_raw_bits per channel, one group: raw keys on raw_sz */
     float *k_signs, *v_signs; /* [head_dim] or NULL */
     float *rope_table;        /* k_pre: kvck_rope_table [max_positions] */
     size_t rope_table_bytes;
-    size_t rawk_row;          /* bytes of one raw key row: d * 2 (fp16) or d (8-bit) */
+    size_t rawk_row;          /* bytes of one raw key row: d * 2 (fp16), or packed codes */
     size_t rawk_bytes;        /* one block's raw keys [n_kv][block][rawk_row] */
     size_t rawv_row;          /* bytes of one raw value row: d * 2 (fp16) or d (8-bit) */
     size_t rawv_bytes;        /* one block's raw values [n_kv][block][rawv_row], then

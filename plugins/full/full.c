@@ -18,8 +18,9 @@ static const kvc_option_desc opt_dtype = {
     "Storage type of the cached keys and values: fp32 is exact, fp16 halves the memory."};
 static const kvc_option_desc opt_kv_ratio = {
     sizeof(kvc_option_desc), KVC_OPT_FLOAT, "kv_ratio", "", NULL, 0.01, 64.0,
-    "Memory budget as a fraction of an fp16 full cache; picks dtype when dtype is not given, "
-    "refused when below what the storage needs (about 1.006 for fp16 on SmolLM2's shape: positions and block tables count)."};
+    "Memory budget as a fraction of an fp16 full cache: picks fp32 or fp16 when it holds them, "
+    "below fp16 (k_bits, v_bits and dtype unset) the most accurate key/value widths that fit; "
+    "refused when below what the storage needs."};
 static const kvc_option_desc opt_block_tokens = {
     sizeof(kvc_option_desc), KVC_OPT_INT, "block_tokens", "64", NULL, 1, 65536,
     "Tokens per storage block: memory grows one block per layer at a time."};
@@ -41,6 +42,61 @@ static double declared_ratio(const kvcp_geom *g, size_t elem, uint32_t block_tok
 size_t full_seq_fixed_bytes(const kvc_instance *inst)
 {
     return sizeof(struct kvc_seq) + (size_t)inst->g.n_layers * sizeof(kvcp_pages);
+}
+
+/* ---- kv_ratio below fp16: bits ---------------------------------------------- */
+
+/* Key/value widths by accuracy, most accurate first, as measured on
+ * SmolLM2 with the store's defaults (keys per channel before RoPE, values
+ * per token after a Hadamard rotation): values' bits cost more than keys'
+ * there, so the order lowers keys first. */
+static const uint8_t FULL_PAIRS[][2] = {{8, 8}, {8, 6}, {6, 6}, {6, 5}, {5, 5}, {8, 4},
+                                        {6, 4}, {5, 4}, {4, 4}, {4, 3}, {3, 3}, {3, 2},
+                                        {2, 2}, {2, 1}, {1, 1}};
+#define N_PAIRS (sizeof FULL_PAIRS / sizeof FULL_PAIRS[0])
+
+/* kv_ratio without k_bits/v_bits and below what fp16 needs: the first
+ * pair of FULL_PAIRS whose declared ratio (with the other options given)
+ * fits, written into vals as if set. INVALID when none fits. */
+static kvc_status pick_bits(const kvc_host *host, const kvcp_geom *g, kvcp_optval *vals,
+                            uint32_t block, double want, char *msg, size_t cap)
+{
+    const size_t bytes = 2 * (size_t)g->n_kv * sizeof(kvck_qfmt);
+    kvck_qfmt *fk = kvcp_alloc(host, bytes, KVC_USAGE_SCRATCH);
+    if (!fk)
+        return kvcp_fail(msg, cap, KVC_E_NOMEM, "out of memory choosing widths for kv_ratio");
+    kvck_qfmt *fv = fk + g->n_kv;
+    kvc_status st = KVC_E_INVALID;
+    double smallest = 0;
+    for (size_t i = 0; i < N_PAIRS && st; i++) {
+        kvcp_optval t[KVCP_QS_N_OPTS];
+        memcpy(t, vals, sizeof t);
+        t[KVCP_QS_OPT_K_BITS] = (kvcp_optval){1, FULL_PAIRS[i][0], ""};
+        t[KVCP_QS_OPT_V_BITS] = (kvcp_optval){1, FULL_PAIRS[i][1], ""};
+        kvcp_qs_opts o;
+        int on = 0;
+        if (kvcp_qs_opts_parse(t, g, block, &o, &fk[0], &fv[0], &on, msg, cap) || !on)
+            continue;
+        for (uint32_t h = 1; h < g->n_kv; h++) {
+            fk[h] = fk[0];
+            fv[h] = fv[0];
+        }
+        smallest = kvcp_qs_ratio_of(g, kvcp_qs_block_bytes(fk, fv, g->n_kv, o.k_mode, block,
+                                                            o.k_outliers, o.v_outliers),
+                                    block);
+        if (smallest <= want) {
+            vals[KVCP_QS_OPT_K_BITS] = t[KVCP_QS_OPT_K_BITS];
+            vals[KVCP_QS_OPT_V_BITS] = t[KVCP_QS_OPT_V_BITS];
+            st = KVC_OK;
+        }
+    }
+    kvcp_free(host, fk, bytes);
+    if (st)
+        return kvcp_fail(msg, cap, KVC_E_INVALID,
+                         "kv_ratio %g is below what full can store (1-bit keys and values need "
+                         "%.4f of fp16, scales, positions and block tables counted)",
+                         want, smallest);
+    return KVC_OK;
 }
 
 /* ---- instance ------------------------------------------------------------- */
@@ -71,10 +127,15 @@ static kvc_status full_create(const kvc_create_info *info, kvc_instance **out, c
     kvcp_qs_opts qo;
     kvck_qfmt kf, vf;
     int quant = 0;
+    double r32 = declared_ratio(&g, 4, block_tokens), r16 = declared_ratio(&g, 2, block_tokens);
+    /* kv_ratio below fp16 with no widths given: widths that fit. */
+    if (v[OPT_KV_RATIO].set && v[OPT_KV_RATIO].num < r16 && !v[OPT_DTYPE].set &&
+        !v[OPT_QS + KVCP_QS_OPT_K_BITS].set && !v[OPT_QS + KVCP_QS_OPT_V_BITS].set &&
+        (st = pick_bits(&host, &g, v + OPT_QS, block_tokens, v[OPT_KV_RATIO].num, msg, msg_size)))
+        return st;
     st = kvcp_qs_opts_parse(v + OPT_QS, &g, block_tokens, &qo, &kf, &vf, &quant, msg, msg_size);
     if (st)
         return st;
-    double r32 = declared_ratio(&g, 4, block_tokens), r16 = declared_ratio(&g, 2, block_tokens);
     if (v[OPT_KV_RATIO].set && !quant) {
         double want = v[OPT_KV_RATIO].num;
         if (!v[OPT_DTYPE].set)

@@ -1,12 +1,13 @@
 /*
  * kvc-full.so attention: queries are rotated once, then for each KV head and
  * chunk of queries the streaming kernel walks the layer's blocks. Blocks
- * past the last query position are never touched; fp16 blocks are widened
- * one head-block at a time.
+ * past the last query position are never touched; fp16 blocks are read by
+ * the kernels as fp16 (kvck_attn_block_src).
  */
 #include <string.h>
 
 #include "full.h"
+#include "kvck_quant.h"
 
 /* Queries per pass over the blocks: bounds scratch for long prefills. */
 #define FULL_Q_CHUNK 64u
@@ -17,8 +18,6 @@ typedef struct attend_scratch {
     float *q_rot; /* [n_q][n_q_heads][head_dim] rotated, scaled */
     float *q_buf; /* [chunk * group][head_dim] one KV head's query rows */
     float *o_buf; /* [chunk * group][head_dim] their outputs */
-    float *k_buf; /* [block_tokens][head_dim] widened keys (fp16 storage) */
-    float *v_buf; /* [block_tokens][head_dim] widened values */
     int32_t *k_pos; /* [block_tokens] positions of a contiguous block */
     float *attn;  /* kvck_attn scratch */
 } attend_scratch;
@@ -28,7 +27,7 @@ static size_t scratch_floats(const kvc_instance *in, uint32_t max_q)
     const kvcp_geom *g = &in->g;
     size_t rows = (size_t)FULL_Q_CHUNK * g->group;
     size_t d = g->head_dim, B = in->block_tokens;
-    return (size_t)max_q * g->n_q * d + 2 * rows * d + 2 * B * d + B +
+    return (size_t)max_q * g->n_q * d + 2 * rows * d + B +
            kvck_attn_scratch_floats(rows, d, B);
 }
 
@@ -40,9 +39,7 @@ static void scratch_carve(const kvc_instance *in, uint32_t max_q, float *base, a
     sc->q_rot = base;
     sc->q_buf = sc->q_rot + (size_t)max_q * g->n_q * d;
     sc->o_buf = sc->q_buf + rows * d;
-    sc->k_buf = sc->o_buf + rows * d;
-    sc->v_buf = sc->k_buf + B * d;
-    sc->k_pos = (int32_t *)(sc->v_buf + B * d);
+    sc->k_pos = (int32_t *)(sc->o_buf + rows * d);
     sc->attn = (float *)(sc->k_pos + B);
 }
 
@@ -111,17 +108,15 @@ static void attend_core(const kvc_seq *s, uint32_t layer, uint32_t n_q, const in
                         sc->k_pos[i] = fb->pos0 + (int32_t)i;
                     kp = sc->k_pos;
                 }
-                const float *k, *v;
                 if (in->dtype == FULL_F32) {
-                    k = full_block_k(in, fb, h);
-                    v = full_block_v(in, fb, h);
+                    kvck_attn_block(&a, sc->q_buf, d, full_block_k(in, fb, h), d,
+                                    full_block_v(in, fb, h), d, kp, nb);
                 } else {
-                    kvck_f16_to_f32_n(full_block_k(in, fb, h), sc->k_buf, nb * d);
-                    kvck_f16_to_f32_n(full_block_v(in, fb, h), sc->v_buf, nb * d);
-                    k = sc->k_buf;
-                    v = sc->v_buf;
+                    /* fp16 read as it is stored: no widening pass. */
+                    kvck_src ks = {.kind = KVCK_SRC_F16, .data = full_block_k(in, fb, h), .ld = d};
+                    kvck_src vs = {.kind = KVCK_SRC_F16, .data = full_block_v(in, fb, h), .ld = d};
+                    kvck_attn_block_src(&a, sc->q_buf, d, &ks, &vs, kp, nb, NULL);
                 }
-                kvck_attn_block(&a, sc->q_buf, d, k, d, v, d, kp, nb);
             }
             kvck_attn_finish(&a, sc->o_buf, d);
             for (uint32_t i = 0; i < nc; i++)

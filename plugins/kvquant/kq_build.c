@@ -374,6 +374,7 @@ kvc_status kq_build(kvc_instance *in, char *msg, size_t cap)
     o.v_fmt = in->vfmt;
     o.k_perm = in->kperm;
     o.k_raw_sz = c->raw8 ? in->kraw_sz : NULL;
+    o.k_raw_bits = c->raw8;
     if ((st = kvcp_qs_init(&in->qs, &in->host, &in->g, &o, msg, cap))) {
         kq_build_free(in);
         return st;

@@ -31,13 +31,13 @@ static const kvc_option_desc opt_alloc = OPT(
     "Key channel widths: all k_bits, or more bits where calibration shows large query energy "
     "times key range (averaging k_bits).");
 static const kvc_option_desc opt_levels = OPT(
-    "levels", KVC_OPT_ENUM, "uniform", "uniform|fit", 0, 0,
+    "levels", KVC_OPT_ENUM, "fit", "uniform|fit", 0, 0,
     "Quantization levels: a uniform grid, or fitted per layer, K/V and width by weighted "
     "k-means on calibration values.");
 static const kvc_option_desc opt_raw_keys = OPT(
-    "raw_keys", KVC_OPT_ENUM, "q8", "fp16|q8", 0, 0,
-    "The key block being filled (quantized per channel once complete): fp16, or 8-bit codes on "
-    "calibrated per-channel scales.");
+    "raw_keys", KVC_OPT_ENUM, "q8", "fp16|q8|q6|q5|q4", 0, 0,
+    "The key block being filled (quantized per channel once complete): fp16, or 8/6/5/4-bit "
+    "codes on calibrated per-channel scales.");
 static const kvc_option_desc opt_raw_values = OPT(
     "raw_values", KVC_OPT_ENUM, "q8", "fp16|q8", 0, 0,
     "Values of the newest `window` tokens (quantized to v_bits once older): fp16, or 8-bit "
@@ -54,10 +54,10 @@ static const kvc_option_desc opt_group = OPT(
     "group", KVC_OPT_INT, "64", NULL, 1, 512,
     "Channels per scaling group of a value row (at most head_dim).");
 static const kvc_option_desc opt_sink = OPT(
-    "sink", KVC_OPT_INT, "0", NULL, 0, 4096,
+    "sink", KVC_OPT_INT, "4", NULL, 0, 4096,
     "First tokens of a sequence kept in fp16 (attention sinks).");
 static const kvc_option_desc opt_window = OPT(
-    "window", KVC_OPT_INT, "0", NULL, 0, 65536,
+    "window", KVC_OPT_INT, "64", NULL, 0, 65536,
     "Newest tokens whose values stay raw (in the raw_values form); keys are raw while their "
     "block fills.");
 static const kvc_option_desc opt_outliers = OPT(
@@ -115,7 +115,8 @@ static kvc_status kq_create(const kvc_create_info *info, kvc_instance **out, cha
                          "v_bits 7 is not a stored width (1, 2, 3, 4, 5, 6 or 8)");
     c.alloc = (int)v[OPT_ALLOC].num;
     c.levels = (int)v[OPT_LEVELS].num;
-    c.raw8 = v[OPT_RAW_KEYS].num == 1;
+    static const unsigned RAW_BITS[] = {0, 8, 6, 5, 4};
+    c.raw8 = RAW_BITS[(int)v[OPT_RAW_KEYS].num];
     c.raw8v = v[OPT_RAW_VALUES].num == 1;
     c.block = (uint32_t)v[OPT_BLOCK].num;
     c.group = (uint32_t)v[OPT_GROUP].num;

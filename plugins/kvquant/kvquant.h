@@ -58,7 +58,7 @@ typedef struct kq_config {
     double k_bits;     /* average key width */
     uint32_t v_bits;
     int alloc, levels;
-    int raw8;          /* raw keys as 8-bit codes on calibrated scales */
+    unsigned raw8;     /* raw keys as codes of this width on calibrated scales (0: fp16) */
     int raw8v;         /* raw values as 8-bit codes (per-row scale) */
     uint32_t block, group, sink, window;
     double outliers;

@@ -493,7 +493,8 @@ START_TEST(kv_ratio_option_picks_or_refuses)
     kvc_instance *in;
     char msg[256];
     const char *r2[] = {"kv_ratio=2.5", NULL}, *r1[] = {"kv_ratio=1.1", NULL},
-               *r05[] = {"kv_ratio=0.5", NULL}, *bad[] = {"kv_ratio=1.1", "dtype=fp32", NULL};
+               *r05[] = {"kv_ratio=0.5", NULL}, *r03[] = {"kv_ratio=0.3", NULL},
+               *tiny[] = {"kv_ratio=0.05", NULL}, *bad[] = {"kv_ratio=1.1", "dtype=fp32", NULL};
     kvc_instance_stats is = {.struct_size = sizeof is};
     ck_assert_int_eq(th_create(&e, &g, r2, &in, msg, sizeof msg), KVC_OK);
     e.p->instance_stats(in, &is);
@@ -503,7 +504,19 @@ START_TEST(kv_ratio_option_picks_or_refuses)
     e.p->instance_stats(in, &is);
     ck_assert(is.kv_ratio > 1.0 && is.kv_ratio <= 1.1);
     e.p->destroy(in);
-    ck_assert_int_eq(th_create(&e, &g, r05, &in, msg, sizeof msg), KVC_E_INVALID);
+    /* Below fp16: quantized widths that fit, the most accurate first. */
+    double got[2];
+    const char *const *below[] = {r05, r03};
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(th_create(&e, &g, below[i], &in, msg, sizeof msg), KVC_OK);
+        e.p->instance_stats(in, &is);
+        got[i] = is.kv_ratio;
+        ck_assert(!(is.caps & KVC_CAP_EXACT));
+        e.p->destroy(in);
+    }
+    printf("  kv_ratio 0.5 declares %.3f, 0.3 declares %.3f\n", got[0], got[1]);
+    ck_assert(got[0] <= 0.5 && got[0] > 0.4 && got[1] <= 0.3 && got[1] > 0.2);
+    ck_assert_int_eq(th_create(&e, &g, tiny, &in, msg, sizeof msg), KVC_E_INVALID);
     ck_assert_ptr_nonnull(strstr(msg, "kv_ratio"));
     ck_assert_int_eq(th_create(&e, &g, bad, &in, msg, sizeof msg), KVC_E_INVALID);
     ck_assert_uint_eq(th_live_bytes(&e), 0);

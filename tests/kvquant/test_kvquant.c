@@ -186,7 +186,7 @@ END_TEST
 START_TEST(fitted_levels_beat_uniform_on_bell_shaped_keys)
 {
     OPEN(e);
-    const char *uni[] = {"k_bits=3", "v_bits=3", "alloc=uniform", NULL};
+    const char *uni[] = {"k_bits=3", "v_bits=3", "alloc=uniform", "levels=uniform", NULL};
     const char *fit[] = {"k_bits=3", "v_bits=3", "alloc=uniform", "levels=fit", NULL};
     kvc_instance *a = create(&e, uni, NULL, 0), *b = create(&e, fit, NULL, 0);
     prepare(&e, a, g_seed);
