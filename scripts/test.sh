@@ -41,3 +41,9 @@ TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" "$tsan/plugins/lorc
 # FastGen's steps, profiling and eviction under the same test.
 TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" \
   "$tsan/plugins/fastgen/kvc-fastgen.so" --only semantics/threads
+# The quantized store (full with 4-bit keys and values; kvquant's
+# calibrated widths) under the same test.
+TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" "$tsan/plugins/full/kvc-full.so" \
+  --opt k_bits=4 --opt v_bits=4 --only semantics/threads
+TSAN_OPTIONS=halt_on_error=1 "$tsan/conformance/kvc-conform" \
+  "$tsan/plugins/kvquant/kvc-kvquant.so" --only semantics/threads
