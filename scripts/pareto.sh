@@ -12,7 +12,9 @@
 #     on 2 cores), then runs each type of its list with llama.cpp's own KL
 #     divergence against its f16 cache;
 #  3. scripts/pareto/kvc-grid.sh: each line of scripts/pareto/grid.txt
-#     through `kvc ppl`, against kvc's own fp16 `full` run;
+#     (grid-ctx2048.txt at ctx 2048) through `kvc ppl`, against kvc's own
+#     fp16 `full` run; kvquant rows are prepared once per option set on
+#     the default calibration texts (about 20 s) and cached;
 #  4. scripts/pareto/plot.sh: PNG and SVG of each CSV (gnuplot);
 #  5. scripts/pareto/table.sh: one Markdown table per context size.
 # plot.sh and table.sh also run alone on a CSV.
@@ -22,7 +24,8 @@
 #
 # Usage: scripts/pareto.sh [--ctx2048] [--no-rot]
 #   --ctx2048 (or PARETO_CTX2048=1)  also ctx 2048: llama.cpp's short type
-#             list (f16, q8_0, q4_0) and the whole kvc grid
+#             list (f16, q8_0, q4_0) and kvc's best rows
+#             (scripts/pareto/grid-ctx2048.txt)
 #   --no-rot  (or PARETO_NOROT=1)    also every quantized llama.cpp type at
 #             ctx 512 with its Hadamard rotation off (LLAMA_ATTN_ROT_DISABLE=1)
 # Time on 2 cores (a shared VM: the lower figures when it is quiet), once
@@ -62,7 +65,9 @@ for ctx in "${ctxs[@]}"; do
   [ "$ctx" = 512 ] || largs+=(--short)
   [ "$ctx" = 512 ] && [ "$norot" = 1 ] && largs+=(--no-rot)
   bash "$here/pareto/llama-cpp.sh" "${largs[@]}"
-  bash "$here/pareto/kvc-grid.sh" --ctx "$ctx" --csv "$csv"
+  grid=$here/pareto/grid.txt
+  [ "$ctx" = 512 ] || grid=$here/pareto/grid-ctx2048.txt
+  bash "$here/pareto/kvc-grid.sh" --ctx "$ctx" --csv "$csv" --grid "$grid"
   bash "$here/pareto/plot.sh" "$csv" "${csv%.csv}" "$(caption "$ctx")"
 done
 

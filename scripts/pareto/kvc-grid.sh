@@ -92,7 +92,9 @@ def num(d, k, fmt, scale=1.0):
     v = d.get(k)
     return "" if v is None else fmt % (v * scale)
 dtype = opts.get("dtype", "")
-row = ["kvc", label, dtype, dtype,
+def kind(bits):  # quantized stores: "4b" (kvquant's fractional widths: "2.5b")
+    return (bits + "b") if bits and bits != "16" else dtype
+row = ["kvc", label, kind(opts.get("k_bits")), kind(opts.get("v_bits")),
        "%.1f" % j["kv_bytes_per_token"],
        "%.4f" % (j["kv_bytes_per_token"] / j["fp16_full_bytes_per_token"]),
        "%.4f" % j["ppl"], num(j, "ppl_err", "%.4f"),
