@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "harness.h"
+#include "stream.h"
 
 static const char *g_path;
 static uint64_t g_seed;
@@ -348,6 +349,82 @@ START_TEST(nothing_runs_before_preparation)
 }
 END_TEST
 
+
+/* ---- the step rule and export, to the byte ----------------------------------- */
+
+static const char *const STEP_CONFIGS[][6] = {
+    {NULL},                                                       /* defaults: K4V4, sink 4, window 64 */
+    {"k_bits=2.5", "v_bits=3", "window=32", "block_tokens=32", NULL},
+    {"k_bits=3", "v_bits=2", "raw_keys=fp16", "raw_values=fp16", "outliers=0.01", NULL},
+    {"k_bits=6", "v_bits=5", "levels=uniform", "alloc=uniform", "sink=0", NULL},
+};
+
+static size_t export_blob(const th_env *e, kvc_seq *seq, void **blob)
+{
+    size_t need = 0, got = 0;
+    ck_assert_int_eq(e->p->seq_export(seq, NULL, 0, &need), KVC_OK);
+    *blob = malloc(need);
+    ck_assert_int_eq(e->p->seq_export(seq, *blob, need, &got), KVC_OK);
+    ck_assert_uint_eq(got, need);
+    return need;
+}
+
+/* Tokens [0, total) through `seq` in batches: the first of `first`
+ * tokens, then 1 .. max_batch at random. */
+static void run_batches(const th_env *e, kvc_seq *seq, const stream *s, uint32_t layer,
+                        size_t total, size_t first, size_t max_batch, uint64_t *rng, float *out)
+{
+    for (size_t t = 0; t < total;) {
+        size_t n = t == 0 ? first : 1 + (size_t)(th_next(rng) % max_batch);
+        n = n < total - t ? n : total - t;
+        kvc_status st = step(e, seq, s, layer, t, n, out + t * qrow(s));
+        ck_assert_msg(st == KVC_OK, "step at %zu (+%zu): %s", t, n, e->p->seq_message(seq));
+        t += n;
+    }
+}
+
+START_TEST(batched_equals_single_steps_and_exports_to_the_byte)
+{
+    OPEN(e);
+    kvc_instance *in = create(&e, STEP_CONFIGS[_i], NULL, 0);
+    prepare(&e, in, g_seed);
+    uint64_t rng = g_seed + 31 * (uint64_t)_i;
+    kvc_geometry g = geometry();
+    const size_t total = 300;
+    stream s;
+    stream_init(&s, &g, total, &rng, 1);
+    kvc_seq *a, *b, *c;
+    ck_assert_int_eq(e.p->seq_open(in, &a), KVC_OK);
+    ck_assert_int_eq(e.p->seq_open(in, &b), KVC_OK);
+    float *oa = malloc(total * qrow(&s) * sizeof(float));
+    float *ob = malloc(total * qrow(&s) * sizeof(float));
+    for (uint32_t l = 0; l < g.n_layers; l++) {
+        run_batches(&e, a, &s, l, total, 100, 60, &rng, oa);
+        run_batches(&e, b, &s, l, total, 1, 1, &rng, ob);
+        for (size_t t = 0; t < total; t++)
+            ck_assert_msg(memcmp(oa + t * qrow(&s), ob + t * qrow(&s), qrow(&s) * 4) == 0,
+                          "config %d layer %u: query %zu differs between batched and single "
+                          "steps (rel err %.3e)", _i, l, t,
+                          th_rel_err_f(oa + t * qrow(&s), ob + t * qrow(&s), qrow(&s)));
+    }
+    void *ba, *bb, *bc;
+    size_t na = export_blob(&e, a, &ba), nb = export_blob(&e, b, &bb);
+    ck_assert_msg(na == nb && memcmp(ba, bb, na) == 0,
+                  "config %d: the two caches export different bytes (%zu vs %zu)", _i, na, nb);
+    /* Imported, the copy exports the same bytes and attends alike. */
+    ck_assert_int_eq(e.p->seq_open(in, &c), KVC_OK);
+    ck_assert_msg(e.p->seq_import(c, ba, na) == KVC_OK, "import: %s", e.p->seq_message(c));
+    size_t nc = export_blob(&e, c, &bc);
+    ck_assert_msg(nc == na && memcmp(ba, bc, na) == 0, "config %d: re-export differs", _i);
+    free(bc), free(ba), free(bb), free(oa), free(ob);
+    e.p->seq_close(a), e.p->seq_close(b), e.p->seq_close(c);
+    e.p->destroy(in);
+    ck_assert_uint_eq(th_live_bytes(&e), 0);
+    stream_free(&s);
+    th_close(&e);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -366,6 +443,8 @@ int main(int argc, char **argv)
     tcase_add_test(tc, one_artifact_serves_every_setting);
     tcase_add_test(tc, budgets_and_refusals);
     tcase_add_test(tc, nothing_runs_before_preparation);
+    tcase_add_loop_test(tc, batched_equals_single_steps_and_exports_to_the_byte, 0,
+                        (int)(sizeof STEP_CONFIGS / sizeof STEP_CONFIGS[0]));
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
