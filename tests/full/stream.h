@@ -78,6 +78,33 @@ static inline kvc_status step(const th_env *e, kvc_seq *seq, const stream *s, ui
     return e->p->attend(seq, layer, (uint32_t)n, s->pos + t0, s->q + t0 * qrow(s), out);
 }
 
+/* Tokens [0, total) of `s` through `seq` at `layer` in batches: the first
+ * of `first` tokens, then 1 .. max_batch at random; outputs into out
+ * [total][qrow]. */
+static inline void run_batches(const th_env *e, kvc_seq *seq, const stream *s, uint32_t layer,
+                               size_t total, size_t first, size_t max_batch, uint64_t *rng,
+                               float *out)
+{
+    for (size_t t = 0; t < total;) {
+        size_t n = t == 0 ? first : 1 + (size_t)(th_next(rng) % max_batch);
+        n = n < total - t ? n : total - t;
+        kvc_status st = step(e, seq, s, layer, t, n, out + t * qrow(s));
+        ck_assert_msg(st == KVC_OK, "step at %zu (+%zu): %s", t, n, e->p->seq_message(seq));
+        t += n;
+    }
+}
+
+/* Size-then-copy export; the malloc'd blob in *blob, its size returned. */
+static inline size_t export_blob(const th_env *e, kvc_seq *seq, void **blob)
+{
+    size_t need = 0, got = 0;
+    ck_assert_int_eq(e->p->seq_export(seq, NULL, 0, &need), KVC_OK);
+    *blob = malloc(need);
+    ck_assert_int_eq(e->p->seq_export(seq, *blob, need, &got), KVC_OK);
+    ck_assert_uint_eq(got, need);
+    return need;
+}
+
 /* Reference output of queries [t0, t0+n) over keys [0, t0+n). */
 static inline void oracle(const stream *s, size_t t0, size_t n, double *ref)
 {

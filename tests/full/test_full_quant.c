@@ -60,38 +60,6 @@ static kvc_geometry small_geometry(void)
     return g;
 }
 
-#define OPEN_FULL_Q(e)                                                                      \
-    char err_[512];                                                                         \
-    ck_assert_msg(th_open(&(e), "full", err_, sizeof err_) == 0, "load full: %s", err_)
-
-/* Runs the stream through layer `layer` of seq in batches: `first` tokens,
- * then random sizes 1..max_batch (max_batch 1: one token per call). */
-static void run_batches(const th_env *e, kvc_seq *seq, const stream *s, uint32_t layer,
-                        size_t total, size_t first, size_t max_batch, uint64_t *rng, float *out)
-{
-    size_t t = 0;
-    while (t < total) {
-        size_t n = t == 0 ? first : 1 + (size_t)(th_next(rng) % max_batch);
-        if (n > total - t)
-            n = total - t;
-        kvc_status st = step(e, seq, s, layer, t, n, out + t * qrow(s));
-        ck_assert_msg(st == KVC_OK, "step at %zu (+%zu): %s", t, n, e->p->seq_message(seq));
-        t += n;
-    }
-}
-
-/* Size-then-copy export; malloc'd blob in *blob. */
-static size_t export_blob(const th_env *e, kvc_seq *seq, void **blob)
-{
-    size_t need = 0;
-    ck_assert_int_eq(e->p->seq_export(seq, NULL, 0, &need), KVC_OK);
-    *blob = malloc(need);
-    size_t got = 0;
-    ck_assert_int_eq(e->p->seq_export(seq, *blob, need, &got), KVC_OK);
-    ck_assert_uint_eq(got, need);
-    return need;
-}
-
 /* ---- accuracy ------------------------------------------------------------------ */
 
 /* One more token's query attends; its output must equal float64 attention
@@ -139,7 +107,7 @@ static double decode_vs_materialized(const th_env *e, kvc_seq *seq, const stream
 START_TEST(attend_equals_attention_over_materialized)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     uint64_t rng = g_seed + 11 * (uint64_t)_i;
     kvc_geometry g = small_geometry();
     if (_i == 2) { /* a non-power-of-two head and NeoX pairs */
@@ -169,7 +137,7 @@ END_TEST
 START_TEST(error_falls_as_bits_grow)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     static const char *const ladder[] = {"k_bits=2 v_bits=2", "k_bits=3 v_bits=3",
                                          "k_bits=4 v_bits=4", "k_bits=6 v_bits=6",
                                          "k_bits=8 v_bits=8"};
@@ -206,7 +174,7 @@ END_TEST
 START_TEST(batched_equals_single_steps_to_the_byte)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     uint64_t rng = g_seed + 101 * (uint64_t)_i;
     kvc_geometry g = small_geometry();
     const size_t total = 260;
@@ -245,7 +213,7 @@ END_TEST
 START_TEST(export_import_identical_bytes)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     uint64_t rng = g_seed + 303 * (uint64_t)_i;
     kvc_geometry g = small_geometry();
     stream s;
@@ -295,7 +263,7 @@ END_TEST
 START_TEST(import_refuses_other_quantization)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     uint64_t rng = g_seed + 404;
     kvc_geometry g = small_geometry();
     stream s;
@@ -325,7 +293,7 @@ END_TEST
 START_TEST(fork_gives_independent_sequences)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     uint64_t rng = g_seed + 505;
     kvc_geometry g = small_geometry();
     stream s, t2;
@@ -380,7 +348,7 @@ static void check_budget(const th_env *e, kvc_seq *seq, const kvc_instance_stats
 START_TEST(stats_match_allocator_and_budget_holds)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     uint64_t rng = g_seed + 606 * (uint64_t)(_i + 1);
     kvc_geometry g = small_geometry();
     const size_t total = 700;
@@ -464,7 +432,7 @@ out:
 START_TEST(every_allocation_failure_is_clean)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     uint64_t rng = g_seed + 707;
     kvc_geometry g = small_geometry();
     stream s;
@@ -501,7 +469,7 @@ END_TEST
 START_TEST(instance_caps_follow_options)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     kvc_geometry g = small_geometry();
     static const struct {
         const char *opts;
@@ -532,7 +500,7 @@ END_TEST
 START_TEST(truncate_exact_with_token_keys_and_usable_otherwise)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     uint64_t rng = g_seed + 808;
     kvc_geometry g = small_geometry();
     stream s, junk;
@@ -573,7 +541,7 @@ END_TEST
 START_TEST(bad_options_are_named)
 {
     th_env e;
-    OPEN_FULL_Q(e);
+    OPEN_FULL(e);
     kvc_geometry g = small_geometry();
     static const struct {
         const char *opts, *word;

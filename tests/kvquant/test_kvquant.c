@@ -359,30 +359,6 @@ static const char *const STEP_CONFIGS[][6] = {
     {"k_bits=6", "v_bits=5", "levels=uniform", "alloc=uniform", "sink=0", NULL},
 };
 
-static size_t export_blob(const th_env *e, kvc_seq *seq, void **blob)
-{
-    size_t need = 0, got = 0;
-    ck_assert_int_eq(e->p->seq_export(seq, NULL, 0, &need), KVC_OK);
-    *blob = malloc(need);
-    ck_assert_int_eq(e->p->seq_export(seq, *blob, need, &got), KVC_OK);
-    ck_assert_uint_eq(got, need);
-    return need;
-}
-
-/* Tokens [0, total) through `seq` in batches: the first of `first`
- * tokens, then 1 .. max_batch at random. */
-static void run_batches(const th_env *e, kvc_seq *seq, const stream *s, uint32_t layer,
-                        size_t total, size_t first, size_t max_batch, uint64_t *rng, float *out)
-{
-    for (size_t t = 0; t < total;) {
-        size_t n = t == 0 ? first : 1 + (size_t)(th_next(rng) % max_batch);
-        n = n < total - t ? n : total - t;
-        kvc_status st = step(e, seq, s, layer, t, n, out + t * qrow(s));
-        ck_assert_msg(st == KVC_OK, "step at %zu (+%zu): %s", t, n, e->p->seq_message(seq));
-        t += n;
-    }
-}
-
 START_TEST(batched_equals_single_steps_and_exports_to_the_byte)
 {
     OPEN(e);
