@@ -169,6 +169,92 @@ START_TEST(error_falls_as_bits_grow)
 }
 END_TEST
 
+/* ---- sinks and outliers come back exactly --------------------------------------- */
+
+/* 2-bit per-token rows with one planted spike (|x| >= 20, exact in fp16)
+ * per row and head among values in [-1, 1]: the spikes are the outliers
+ * (2% of entries) and come back exactly, as the 5 sink tokens do (fp16 of
+ * what was appended); the other entries keep 2-bit accuracy on the range
+ * the spike no longer widens (half a step of [-1, 1] is 1/3; with the
+ * spike in the range it would be ~3.5). RoPE off: materialize gives the
+ * stored keys. */
+START_TEST(sinks_and_outliers_come_back_exactly)
+{
+    th_env e;
+    OPEN_FULL(e);
+    kvc_geometry g = small_geometry();
+    g.rope_style = KVC_ROPE_NONE;
+    kvc_instance *in = create_cfg(&e, &g, "k_bits=2 v_bits=2 k_scale=token k_rope=post "
+                                          "hadamard=none sink=5 outliers=0.02");
+    const size_t n = 96, d = g.head_dim, n_kv = g.n_kv_heads, row = n_kv * d;
+    uint64_t rng = g_seed + 404;
+    float *k = malloc(n * row * sizeof(float)), *v = malloc(n * row * sizeof(float));
+    uint8_t *spike = calloc(n * row, 1);
+    int32_t *pos = malloc(n * sizeof(int32_t));
+    th_fill(&rng, k, n * row);
+    th_fill(&rng, v, n * row);
+    for (size_t t = 0; t < n; t++) {
+        pos[t] = (int32_t)t;
+        for (size_t h = 0; h < n_kv; h++) {
+            size_t c = (size_t)(th_next(&rng) % d);
+            float x = (float)(20 + (int)(th_next(&rng) % 7)) * (t % 2 ? -1.0f : 1.0f);
+            k[t * row + h * d + c] = x;
+            v[t * row + h * d + (c + 17) % d] = x;
+            spike[t * row + h * d + c] |= 1;
+            spike[t * row + h * d + (c + 17) % d] |= 2;
+        }
+    }
+    kvc_seq *seq;
+    ck_assert_int_eq(e.p->seq_open(in, &seq), KVC_OK);
+    float *q = calloc(n * g.n_heads * d, sizeof(float)), *o = malloc(n * g.n_heads * d * 4);
+    ck_assert_int_eq(e.p->append(seq, 0, (uint32_t)n, pos, k, v, NULL), KVC_OK);
+    ck_assert_int_eq(e.p->attend(seq, 0, (uint32_t)n, pos, q, o), KVC_OK);
+    uint32_t counts[8];
+    int32_t *mpos = malloc(n_kv * n * sizeof(int32_t));
+    float *mk = malloc(n_kv * n * d * 4), *mv = malloc(n_kv * n * d * 4);
+    kvc_materialized m = {sizeof m, (uint32_t)n, counts, mpos, mk, mv};
+    ck_assert_int_eq(e.p->materialize(seq, 0, &m), KVC_OK);
+    double worst = 0;
+    size_t spikes = 0;
+    for (size_t h = 0; h < n_kv; h++)
+        for (size_t t = 0; t < n; t++)
+            for (size_t c = 0; c < d; c++) {
+                const size_t src = t * row + h * d + c, dst = (h * n + t) * d + c;
+                const float ks = kvck_f16_to_f32(kvck_f32_to_f16(k[src]));
+                const float vs = kvck_f16_to_f32(kvck_f32_to_f16(v[src]));
+                if (t < 5) {
+                    ck_assert_msg(mk[dst] == ks && mv[dst] == vs,
+                                  "sink token %zu head %zu channel %zu: %a %a, appended %a %a",
+                                  t, h, c, mk[dst], mv[dst], ks, vs);
+                    continue;
+                }
+                if (spike[src] & 1) {
+                    ck_assert_msg(mk[dst] == ks, "key spike %zu/%zu/%zu: %a, appended %a", t, h,
+                                  c, mk[dst], ks);
+                    spikes++;
+                } else {
+                    worst = fmax(worst, fabs(mk[dst] - k[src]));
+                }
+                if (spike[src] & 2) {
+                    ck_assert_msg(mv[dst] == vs, "value spike %zu/%zu/%zu: %a, appended %a", t,
+                                  h, c, mv[dst], vs);
+                    spikes++;
+                } else {
+                    worst = fmax(worst, fabs(mv[dst] - v[src]));
+                }
+            }
+    printf("  %zu spikes back exactly, 5 sink tokens exact; other entries within %.3f\n", spikes,
+           worst);
+    ck_assert_uint_eq(spikes, 2 * n_kv * (n - 5));
+    ck_assert_msg(worst <= 0.34, "2-bit error %.3f: the spikes still widen the range", worst);
+    e.p->seq_close(seq);
+    e.p->destroy(in);
+    ck_assert_uint_eq(th_live_bytes(&e), 0);
+    free(k), free(v), free(spike), free(pos), free(q), free(o), free(mpos), free(mk), free(mv);
+    th_close(&e);
+}
+END_TEST
+
 /* ---- the step rule, to the byte ------------------------------------------------- */
 
 START_TEST(batched_equals_single_steps_to_the_byte)
@@ -577,6 +663,7 @@ int main(void)
     TCase *acc = tcase_create("accuracy");
     tcase_add_loop_test(acc, attend_equals_attention_over_materialized, 0, N_CONFIGS);
     tcase_add_test(acc, error_falls_as_bits_grow);
+    tcase_add_test(acc, sinks_and_outliers_come_back_exactly);
     suite_add_tcase(su, acc);
     TCase *sem = tcase_create("semantics");
     tcase_add_loop_test(sem, batched_equals_single_steps_to_the_byte, 0, N_CONFIGS);
