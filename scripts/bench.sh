@@ -12,7 +12,8 @@
 # (each configuration's steps back to back, as the earlier full-only bench).
 # Extra arguments go to both runs after these: `--contexts 4096,16384`
 # replaces the contexts, `--plugin 'NAME|opt=value|...'` adds a
-# configuration, `--reps N`.
+# configuration, `--reps N`. `scripts/bench.sh --quant [args]`: the
+# quantized stores' table instead (below).
 set -euo pipefail
 here=$(dirname "$0")
 bash "$here/setup.sh"
@@ -41,11 +42,28 @@ configs=(
   'full|k_bits=2|v_bits=2|k_rope=post' 'kvquant|k_bits=4|v_bits=4'
 )
 args=(--contexts 1024,4096,16384,65536 --reps 20)
+caches=(cold warm)
+# --quant: the quantized stores' table of README.md instead: `full` fp32 and
+# fp16 beside 4-bit and 2-bit keys and values (full before and after RoPE;
+# kvquant's default and 2.5/3-bit settings; FastGen's budget with 4-bit
+# rows) at 4k, 16k and 64k tokens, caches cold, one run.
+if [ "${1:-}" = --quant ]; then
+  shift
+  configs=(
+    'full' 'full|dtype=fp16'
+    'full|k_bits=4|v_bits=4' 'full|k_bits=4|v_bits=4|k_rope=post'
+    'full|k_bits=2|v_bits=2|k_rope=post'
+    'kvquant' 'kvquant|k_bits=2.5|v_bits=3|window=32|block_tokens=32'
+    'fastgen|kv_ratio=0.25|k_bits=4|v_bits=4'
+  )
+  args=(--contexts 4096,16384,65536 --reps 20)
+  caches=(cold)
+fi
 for c in "${configs[@]}"; do
   args+=(--plugin "$c")
 done
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-for cache in cold warm; do
+for cache in "${caches[@]}"; do
   echo
   "$KVC_BUILD/tests/bench/kvc-bench-decode" --cache "$cache" "${args[@]}" "$@"
 done
