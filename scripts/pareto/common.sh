@@ -39,3 +39,23 @@ pareto_csv_init() {
     return 1
   fi
 }
+
+# pareto_grid_read FILE: the configuration lines of a grid file (format at
+# the top of scripts/pareto/grid.txt), one per output line as
+# "label<TAB>plugin<TAB>opt=v opt=v": comments and blank lines dropped,
+# spaces around fields trimmed. A malformed line is an error naming it.
+pareto_grid_read() {
+  local grid=$1 line label plugin opts extra
+  while IFS= read -r line || [ -n "$line" ]; do
+    line=${line%$'\r'}
+    [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+    IFS='|' read -r label plugin opts extra <<< "$line"
+    label=$(echo "$label" | sed 's/^ *//; s/ *$//')
+    plugin=$(echo "$plugin" | sed 's/^ *//; s/ *$//')
+    if [ -z "$label" ] || [ -z "$plugin" ] || [ -n "${extra:-}" ] || [[ $label == *,* ]]; then
+      echo "pareto: $grid: bad line (label|plugin|opt=v ..., no commas in the label): $line" >&2
+      return 1
+    fi
+    printf '%s\t%s\t%s\n' "$label" "$plugin" "${opts:-}"
+  done < "$grid"
+}

@@ -71,16 +71,9 @@ t0=$SECONDS
 base=$(key full dtype=fp16)
 run "$base" full dtype=fp16
 n=0
-while IFS= read -r line || [ -n "$line" ]; do
-  line=${line%$'\r'}
-  [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
-  IFS='|' read -r label plugin opts extra <<< "$line"
-  label=$(echo "$label" | sed 's/^ *//; s/ *$//')
-  plugin=$(echo "$plugin" | sed 's/^ *//; s/ *$//')
-  if [ -z "$label" ] || [ -z "$plugin" ] || [ -n "${extra:-}" ] || [[ $label == *,* ]]; then
-    echo "kvc-grid: $grid: bad line (label|plugin|opt=v ..., no commas in the label): $line" >&2
-    exit 1
-  fi
+lines=$(pareto_grid_read "$grid")
+while IFS=$'\t' read -r label plugin opts; do
+  [ -n "$label" ] || continue
   read -r -a o <<< "${opts:-}"
   k=$(key "$plugin" "${o[@]}")
   run "$k" "$plugin" "${o[@]}"
@@ -104,5 +97,5 @@ row = ["kvc", label, kind(opts.get("k_bits")), kind(opts.get("v_bits")),
 print(",".join(row))
 PY
   n=$((n + 1))
-done < "$grid"
+done <<< "$lines"
 echo "kvc-grid: ctx $ctx, $n rows in $((SECONDS - t0)) s" >&2
