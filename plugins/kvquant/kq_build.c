@@ -397,8 +397,9 @@ kvc_status kq_ratio_floor(const kvc_host *host, const kvcp_geom *g, const kq_con
                           double *ratio)
 {
     /* Keys all at the largest stored width not above k_bits (1 when
-     * kv_ratio picks), values at v_bits (2 when kv_ratio picks): what an
-     * allocation averaging k_bits can only exceed. */
+     * kv_ratio picks), values at v_bits (2 when kv_ratio picks). Exact for
+     * uniform widths and for kv_ratio's own choice (which starts from
+     * 1-bit keys); a sensitivity allocation is bounded above below. */
     unsigned kw = 1, vw = c->k_bits > 0 ? c->v_bits : 2;
     for (size_t i = 0; i < N_WIDTHS; i++)
         if (WIDTHS[i] <= c->k_bits)
@@ -413,10 +414,26 @@ kvc_status kq_ratio_floor(const kvc_host *host, const kvcp_geom *g, const kq_con
         bad |= kvck_qfmt_uniform(&f[h], g->head_dim, kw, g->head_dim) ||
                kvck_qfmt_uniform(&vf[h], g->head_dim, vw,
                                  c->group < g->head_dim ? c->group : g->head_dim);
-    if (!bad)
-        *ratio = kvcp_qs_ratio_of(g, kvcp_qs_block_bytes(f, vf, g->n_kv, KVCK_QS_CHANNEL,
-                                                         c->block, c->outliers, c->outliers),
-                                  c->block);
+    if (!bad) {
+        size_t q_bytes = kvcp_qs_block_bytes(f, vf, g->n_kv, KVCK_QS_CHANNEL, c->block,
+                                             c->outliers, c->outliers);
+        if (c->k_bits > 0 && c->alloc == KQ_ALLOC_SENSITIVITY) {
+            /* The widths come from calibration, so create cannot know the
+             * row; it can bound it. allocate() spends at most
+             * lround(k_bits * d) bits on a row, and each bit plane of each
+             * of the at most N_WIDTHS segments pads to a byte: 10 planes
+             * (widths 3, 5 and 6 have two), under a byte each. A kv_ratio
+             * create accepts is then one kq_build meets (KVC-REQ-9:
+             * refused at create), at the price of refusing some within
+             * that padding of the exact need. */
+            const size_t d = g->head_dim, planes = 10;
+            const size_t row_max = ((size_t)lround(c->k_bits * (double)d) + 7 * planes) / 8;
+            const size_t row_uni = f[0].row_bytes;
+            if (row_max > row_uni) /* + up8 after the codes may grow by 7 */
+                q_bytes += g->n_kv * ((row_max - row_uni) * c->block + 7);
+        }
+        *ratio = kvcp_qs_ratio_of(g, q_bytes, c->block);
+    }
     kvcp_free(host, f, bytes);
     return bad ? KVC_E_INVALID : KVC_OK;
 }

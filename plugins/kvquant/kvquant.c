@@ -45,8 +45,8 @@ static const kvc_option_desc opt_raw_values = OPT(
 static const kvc_option_desc opt_kv_ratio = OPT(
     "kv_ratio", KVC_OPT_FLOAT, "", NULL, 0.01, 64.0,
     "Memory budget as a fraction of an fp16 full cache: with k_bits and v_bits unset, picks the "
-    "most accurate pair that fits (by calibrated predicted error); else refused when below "
-    "what they need.");
+    "most accurate pair that fits (by calibrated predicted error); else refused at create when "
+    "below what they can need (calibrated key widths: their padding bounded above).");
 static const kvc_option_desc opt_block = OPT(
     "block_tokens", KVC_OPT_INT, "64", NULL, 2, 256,
     "Tokens per block: the key scales' span and the unit memory grows by.");
@@ -139,12 +139,15 @@ static kvc_status kq_create(const kvc_create_info *info, kvc_instance **out, cha
                              "head_dim %u", c.k_bits, c.v_bits, g.head_dim);
         if (c.kv_ratio < floor_ratio)
             return kvcp_fail(msg, msg_size, KVC_E_INVALID,
-                             "kv_ratio %g is below what kvquant can reach %s (%.4f of fp16: "
-                             "codes, scales, positions and block tables counted)",
+                             "kv_ratio %g is below what kvquant can promise %s (%.4f of fp16: "
+                             "codes, scales, positions and block tables counted%s)",
                              c.kv_ratio,
                              c.k_bits > 0 ? "with these k_bits / v_bits"
                                           : "at its smallest setting (1-bit keys, 2-bit values)",
-                             floor_ratio);
+                             floor_ratio,
+                             c.k_bits > 0 && c.alloc == KQ_ALLOC_SENSITIVITY
+                                 ? "; calibrated key widths: their padding bounded above"
+                                 : "");
     }
     kvc_instance *in = NULL;
     if ((st = kvcp_instance_alloc(&host, sizeof *in, offsetof(kvc_instance, seqs), (void **)&in,

@@ -112,9 +112,11 @@ kvc_status kq_finalize_layer(kvc_instance *in, uint32_t layer);
 /* kq_build.c: widths, order, levels and the store from the statistics and
  * the options (also kv_ratio's choice of k_bits and v_bits). */
 kvc_status kq_build(kvc_instance *in, char *msg, size_t cap);
-/* The smallest ratio options c can reach on geometry g (before any
- * statistics: so create can refuse a kv_ratio below it). INVALID when the
- * widths make no format, NOMEM. */
+/* The smallest kv_ratio create accepts for options c on geometry g,
+ * before any statistics: exact for uniform widths and for kv_ratio's own
+ * choice, an upper bound on what a calibrated width allocation averaging
+ * k_bits can need (so a ratio create accepts is one the build meets,
+ * KVC-REQ-9). INVALID when the widths make no format, NOMEM. */
 kvc_status kq_ratio_floor(const kvc_host *host, const kvcp_geom *g, const kq_config *c,
                           double *ratio);
 void kq_build_free(kvc_instance *in);

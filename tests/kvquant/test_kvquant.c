@@ -320,6 +320,76 @@ START_TEST(budgets_and_refusals)
 }
 END_TEST
 
+/* KVC-REQ-9: a kv_ratio create accepts is one the built store meets, also
+ * when the key widths come from calibration (create sees no statistics).
+ * For each setting, the smallest ratio create accepts (bisection on
+ * create alone) prepares and finalizes, declaring at most that ratio;
+ * just below it create refuses, naming kv_ratio. */
+static kvc_status try_create(const th_env *e, const char *const *opts, double ratio,
+                             kvc_instance **in, char *msg, size_t cap)
+{
+    kvc_geometry g = geometry();
+    const char *names[8], *values[8];
+    char store[8][64], kv[64];
+    uint32_t n = 0;
+    for (; opts[n]; n++) {
+        snprintf(store[n], sizeof store[n], "%s", opts[n]);
+        char *eq = strchr(store[n], '=');
+        *eq = 0;
+        names[n] = store[n];
+        values[n] = eq + 1;
+    }
+    snprintf(kv, sizeof kv, "%.17g", ratio);
+    names[n] = "kv_ratio";
+    values[n++] = kv;
+    kvc_create_info ci = {.struct_size = sizeof ci, .host = &e->host, .geometry = &g,
+                          .n_options = n, .option_names = names, .option_values = values};
+    *in = NULL;
+    return e->p->create(&ci, in, msg, cap);
+}
+
+START_TEST(accepted_ratios_are_met_with_calibrated_widths)
+{
+    OPEN(e);
+    static const char *const SETTINGS[][4] = {
+        {"k_bits=3.5", "v_bits=3", NULL},
+        {"k_bits=2.5", "v_bits=3", "block_tokens=32", NULL},
+        {"k_bits=4", "v_bits=4", NULL},
+        {"k_bits=5.25", "v_bits=2", "block_tokens=16", NULL},
+        {"k_bits=3", "v_bits=3", "alloc=uniform", NULL},
+    };
+    for (size_t i = 0; i < sizeof SETTINGS / sizeof SETTINGS[0]; i++) {
+        const char *const *o = SETTINGS[i];
+        char msg[512];
+        kvc_instance *in = NULL;
+        double lo = 0.01, hi = 2.0; /* refused at lo, accepted at hi */
+        ck_assert_int_eq(try_create(&e, o, hi, &in, msg, sizeof msg), KVC_OK);
+        e.p->destroy(in);
+        while (hi - lo > 1e-6) {
+            const double mid = 0.5 * (lo + hi);
+            kvc_status st = try_create(&e, o, mid, &in, msg, sizeof msg);
+            e.p->destroy(in);
+            if (st == KVC_OK) {
+                hi = mid;
+            } else {
+                ck_assert_msg(st == KVC_E_INVALID && strstr(msg, "kv_ratio"),
+                              "setting %zu: kv_ratio %g refused with %d: %s", i, mid, st, msg);
+                lo = mid;
+            }
+        }
+        ck_assert_int_eq(try_create(&e, o, hi, &in, msg, sizeof msg), KVC_OK);
+        prepare(&e, in, g_seed + i); /* finalize must succeed */
+        kvc_instance_stats is = {.struct_size = sizeof is};
+        ck_assert_int_eq(e.p->instance_stats(in, &is), KVC_OK);
+        ck_assert_msg(is.kv_ratio <= hi * (1 + 1e-12),
+                      "setting %zu: accepted kv_ratio %.6f, declares %.6f", i, hi, is.kv_ratio);
+        e.p->destroy(in);
+    }
+    ck_assert_uint_eq(th_live_bytes(&e), 0);
+    th_close(&e);
+}
+END_TEST
+
 START_TEST(nothing_runs_before_preparation)
 {
     OPEN(e);
@@ -418,6 +488,7 @@ int main(int argc, char **argv)
     tcase_add_test(tc, fitted_levels_beat_uniform_on_bell_shaped_keys);
     tcase_add_test(tc, one_artifact_serves_every_setting);
     tcase_add_test(tc, budgets_and_refusals);
+    tcase_add_test(tc, accepted_ratios_are_met_with_calibrated_widths);
     tcase_add_test(tc, nothing_runs_before_preparation);
     tcase_add_loop_test(tc, batched_equals_single_steps_and_exports_to_the_byte, 0,
                         (int)(sizeof STEP_CONFIGS / sizeof STEP_CONFIGS[0]));
