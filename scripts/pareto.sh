@@ -16,7 +16,11 @@
 #     fp16 `full` run; kvquant rows are prepared once per option set on
 #     the default calibration texts (about 20 s) and cached;
 #  4. scripts/pareto/plot.sh: PNG and SVG of each CSV (gnuplot);
-#  5. scripts/pareto/table.sh: one Markdown table per context size.
+#  5. scripts/pareto/table.sh: one Markdown table per context size;
+#  6. scripts/pareto/front.py: for each llama.cpp point the kvc row with
+#     no more bytes and no larger change, and kvc's best row under the
+#     issue's byte limits beside its bar (0.531/0.375/0.281/0.15 of fp16:
+#     +0.1/+0.5/+2/+8% at ctx 512; 0.281: +3% at ctx 2048).
 # plot.sh and table.sh also run alone on a CSV.
 # Output in ${OUT_DIR:-pareto-out}/: pareto-ctx512.csv (.png, .svg), and
 # pareto-ctx2048.* with --ctx2048. CSVs of an earlier run there are
@@ -76,6 +80,19 @@ for ctx in "${ctxs[@]}"; do
   echo
   bash "$here/pareto/table.sh" "$out/pareto-ctx$ctx.csv" "$(caption "$ctx"), every chunk
 (llama.cpp: llama-perplexity of llama-cpp-python 0.3.36, -fa on; kvc: kvc ppl)"
+done
+# The issue's checks: which kvc row dominates each llama.cpp point, and
+# kvc's best row under each byte limit beside its bar (scripts/pareto/front.py).
+for ctx in "${ctxs[@]}"; do
+  echo
+  echo "Dominance and byte limits, ctx $ctx:"
+  echo
+  if [ "$ctx" = 512 ]; then
+    python3 "$here/pareto/front.py" "$out/pareto-ctx$ctx.csv" \
+      --limits 0.531,0.375,0.281,0.15 --bars 0.1,0.5,2,8
+  else
+    python3 "$here/pareto/front.py" "$out/pareto-ctx$ctx.csv" --limits 0.531,0.281 --bars 0.1,3
+  fi
 done
 echo
 echo "pareto: CSVs and plots in $out/ ($(((SECONDS - t0) / 60)) min)"
