@@ -47,7 +47,7 @@
 #include "qstore.h"
 
 #define FG_ID "fastgen"
-#define FG_EXPORT_VERSION 1u
+#define FG_EXPORT_VERSION 2u
 #define FG_MAX_CANDIDATES 8u   /* in the policies option */
 #define FG_BUDGET_SCALES 3u    /* budget mode tries r_local, r_frequent x 1, 1/2, 1/4 */
 #define FG_MAX_CAND_ALL (FG_MAX_CANDIDATES * FG_BUDGET_SCALES)
@@ -217,6 +217,10 @@ static inline void *fg_tok_block(const kvc_instance *in, const fg_head *h, uint3
  * at the end of its table), so pushes cannot fail. NOMEM: no spares added
  * beyond those already there. */
 kvc_status fg_head_reserve(const kvc_instance *in, fg_head *h, fg_bytes *cnt, uint64_t tokens);
+/* Gives head h, which has no table yet, one of exactly `cap` entries
+ * (import: the exported sequence's, so its stats come back the same).
+ * NOMEM changes nothing. */
+kvc_status fg_head_table(const kvc_instance *in, fg_head *h, fg_bytes *cnt, uint32_t cap);
 /* Frees h's spare blocks (after a call that reserved, or removed tokens). */
 void fg_head_trim(const kvc_instance *in, fg_head *h, fg_bytes *cnt);
 /* Appends one token (its key and value storage rows, see the block
@@ -249,6 +253,9 @@ void fg_pending_split(const kvc_instance *in, const fg_layer *L, uint64_t *paylo
 
 /* Room for `extra` more runs. NOMEM changes nothing. */
 kvc_status fg_runs_reserve(const kvc_instance *in, fg_layer *L, fg_bytes *cnt, uint32_t extra);
+/* Gives layer L, which has no runs table yet, one of exactly `cap` runs
+ * (import, as fg_head_table). NOMEM changes nothing. */
+kvc_status fg_runs_table(const kvc_instance *in, fg_layer *L, fg_bytes *cnt, uint32_t cap);
 /* 1 when stepping `pos` starts a new run. */
 int fg_runs_breaks(const fg_layer *L, int32_t pos);
 /* Records a stepped position (room reserved). */

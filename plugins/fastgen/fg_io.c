@@ -1,19 +1,23 @@
 /*
- * kvc-fastgen.so fork, export, import. Export payload (format 1,
+ * kvc-fastgen.so fork, export, import. Export payload (format 2,
  * little-endian):
  *   geometry record (kvcp_geom_write)
  *   config: u32 dtype, u32 block_tokens, f32 T, r_local, r_frequent,
  *           kv_ratio, u32 n_cand, (u32 bits, f32 scale)[n_cand],
  *           u32 k_bits, v_bits, group, k_had, v_had (0 unquantized)
  *   per layer: u32 profiled, u64 n_seen, i32 last_pos, i32 last_step_pos,
- *     u32 n_runs, (i32 pos0, u32 n)[n_runs],
+ *     u32 n_runs, u32 cap_runs, (i32 pos0, u32 n)[n_runs],
  *     per KV head: u32 policy, f32 recovered, f32 share, f32 scale, u32 n,
+ *       u32 cap_blocks, u32 spare_blocks,
  *       per kept token: i32 pos, f32 score, u8 flags, K and V storage rows (values
  *       of the storage type, or codes then fp16 scales and zero points)
  *     u32 n_pending, per pending token: i32 pos, u8 flags,
  *       K [n_kv][d], V [n_kv][d] (storage type)
  * Everything is exported as held (cumulative scores and policies too), so
- * an imported sequence continues exactly as the exported one would.
+ * an imported sequence continues exactly as the exported one would; the
+ * tables' capacities and the spare blocks too (format 2), so its stats are
+ * the same: budget mode evicts, so a head's table is sized by its peak, not
+ * by what it holds when exported.
  */
 #include <string.h>
 
@@ -57,6 +61,7 @@ static void write_payload(void *ctx, kvcp_writer *w)
         kvcp_w_i32(w, L->last_pos);
         kvcp_w_i32(w, L->last_step_pos);
         kvcp_w_u32(w, L->n_runs);
+        kvcp_w_u32(w, L->cap_runs);
         for (uint32_t r = 0; r < L->n_runs; r++) {
             kvcp_w_i32(w, L->runs[r].pos0);
             kvcp_w_u32(w, L->runs[r].n);
@@ -68,6 +73,8 @@ static void write_payload(void *ctx, kvcp_writer *w)
             kvcp_w_f32(w, hd->share);
             kvcp_w_f32(w, hd->scale);
             kvcp_w_u32(w, hd->n);
+            kvcp_w_u32(w, hd->cap_blocks);
+            kvcp_w_u32(w, hd->n_spare);
             for (uint32_t j = 0; j < hd->n; j++) {
                 void *blk = hd->blocks[j / B];
                 uint32_t i = j % B;
@@ -139,10 +146,12 @@ static kvc_status read_layer(kvc_seq *s, kvc_seq *t, kvcp_reader *r, uint32_t l)
     L->n_seen = kvcp_r_u64(r);
     L->last_pos = kvcp_r_i32(r);
     L->last_step_pos = kvcp_r_i32(r);
-    uint32_t n_runs = kvcp_r_u32(r);
-    if (r->err || n_runs > L->n_seen || n_runs > g->max_positions)
+    uint32_t n_runs = kvcp_r_u32(r), cap_runs = kvcp_r_u32(r);
+    /* Capacities grow by doubling, from 2 runs and 4 blocks. */
+    if (r->err || n_runs > L->n_seen || n_runs > g->max_positions || cap_runs < n_runs ||
+        cap_runs > 2 * (uint64_t)g->max_positions + 2)
         return CORRUPT("import: layer %u header is damaged", l);
-    if (n_runs && fg_runs_reserve(in, L, &t->bytes, n_runs))
+    if (fg_runs_table(in, L, &t->bytes, cap_runs))
         return KVC_E_NOMEM;
     uint64_t total = 0;
     int64_t prev = -1;
@@ -164,11 +173,15 @@ static kvc_status read_layer(kvc_seq *s, kvc_seq *t, kvcp_reader *r, uint32_t l)
         hd->recovered = kvcp_r_f32(r);
         hd->share = kvcp_r_f32(r);
         hd->scale = kvcp_r_f32(r);
-        uint32_t n = kvcp_r_u32(r);
+        uint32_t n = kvcp_r_u32(r), cap = kvcp_r_u32(r), spare = kvcp_r_u32(r);
+        const uint32_t B = in->cfg.block_tokens;
+        const uint64_t used = ((uint64_t)n + B - 1) / B,
+                       most = 2 * ((uint64_t)g->max_positions / B + 2) + 4;
         if (r->err || n > L->n_seen || (hd->policy & ~31u) || !(hd->policy & 31u) ||
-            !(hd->scale > 0 && hd->scale <= 1))
+            !(hd->scale > 0 && hd->scale <= 1) || used + spare > cap || cap > most)
             return CORRUPT("import: layer %u head %u header is damaged", l, h);
-        if (fg_head_reserve(in, hd, &t->bytes, n))
+        if (fg_head_table(in, hd, &t->bytes, cap) ||
+            fg_head_reserve(in, hd, &t->bytes, (uint64_t)n + (uint64_t)spare * B))
             return KVC_E_NOMEM;
         for (uint32_t j = 0; j < n; j++) {
             int32_t pos = kvcp_r_i32(r);

@@ -50,6 +50,19 @@ kvc_status fg_head_reserve(const kvc_instance *in, fg_head *h, fg_bytes *cnt, ui
     return KVC_OK;
 }
 
+kvc_status fg_head_table(const kvc_instance *in, fg_head *h, fg_bytes *cnt, uint32_t cap)
+{
+    if (h->cap_blocks || !cap)
+        return KVC_OK;
+    void **tab = kvcp_alloc(&in->host, cap * sizeof(void *), KVC_USAGE_CACHE);
+    if (!tab)
+        return KVC_E_NOMEM;
+    cnt->tables += cap * sizeof(void *);
+    h->blocks = tab;
+    h->cap_blocks = cap;
+    return KVC_OK;
+}
+
 void fg_head_trim(const kvc_instance *in, fg_head *h, fg_bytes *cnt)
 {
     while (h->n_spare) {
@@ -331,6 +344,19 @@ kvc_status fg_runs_reserve(const kvc_instance *in, fg_layer *L, fg_bytes *cnt, u
         L->runs = a;
         L->cap_runs = (uint32_t)cap;
     }
+    return KVC_OK;
+}
+
+kvc_status fg_runs_table(const kvc_instance *in, fg_layer *L, fg_bytes *cnt, uint32_t cap)
+{
+    if (L->cap_runs || !cap)
+        return KVC_OK;
+    fg_run *a = kvcp_alloc(&in->host, (size_t)cap * sizeof(fg_run), KVC_USAGE_CACHE);
+    if (!a)
+        return KVC_E_NOMEM;
+    cnt->tables += (size_t)cap * sizeof(fg_run);
+    L->runs = a;
+    L->cap_runs = cap;
     return KVC_OK;
 }
 

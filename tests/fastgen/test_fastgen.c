@@ -404,6 +404,58 @@ START_TEST(batched_equals_token_by_token)
 }
 END_TEST
 
+/* Export -> import into a fresh sequence gives the same stats to the byte
+ * (tables sized by the exported sequence's peak, spare blocks too) and
+ * the same export. Budget mode evicts, so after a long prompt its tables
+ * outgrow what it holds: kvc-conform's export_import caught that. */
+START_TEST(import_restores_stats_after_eviction)
+{
+    kvc_geometry g = random_geometry();
+    const uint32_t n = 420, sched[] = {360, 1, 2, 1, 50, 1, 5};
+    toks t;
+    toks_random(&t, &g, n, g_seed + 6);
+    float **o = outs(&g, n);
+    static const char *const CONFIGS[][4] = {
+        {"kv_ratio=0.15", NULL},
+        {"kv_ratio=0.1", "k_bits=4", "v_bits=4", NULL},
+        {"t=0.5", "k_bits=8", "v_bits=4", NULL},
+    };
+    for (size_t i = 0; i < sizeof CONFIGS / sizeof CONFIGS[0]; i++) {
+        plug a, c;
+        plug_open(&a, g_fg, &g, CONFIGS[i]);
+        run(&a, &g, &t, 0, n, sched, 7, o);
+        kvc_seq_stats sa = stats(&a);
+        size_t za, zc;
+        void *xa = export_of(&a, &za);
+        c = a;
+        ck_assert_int_eq(a.e.p->seq_open(a.inst, &c.s), KVC_OK);
+        ck_assert_msg(a.e.p->seq_import(c.s, xa, za) == KVC_OK, "%s: import: %s",
+                      CONFIGS[i][0], a.e.p->seq_message(c.s));
+        kvc_seq_stats sc = stats(&c);
+        ck_assert_msg(sc.bytes_metadata == sa.bytes_metadata &&
+                          sc.bytes_reserved == sa.bytes_reserved &&
+                          sc.bytes_payload == sa.bytes_payload &&
+                          sc.bytes_resident == sa.bytes_resident &&
+                          sc.head_tokens_resident == sa.head_tokens_resident,
+                      "%s: after import metadata %llu reserved %llu resident %llu, before %llu "
+                      "%llu %llu",
+                      CONFIGS[i][0], (unsigned long long)sc.bytes_metadata,
+                      (unsigned long long)sc.bytes_reserved, (unsigned long long)sc.bytes_resident,
+                      (unsigned long long)sa.bytes_metadata, (unsigned long long)sa.bytes_reserved,
+                      (unsigned long long)sa.bytes_resident);
+        void *xc = export_of(&c, &zc);
+        ck_assert_msg(zc == za && memcmp(xc, xa, za) == 0,
+                      "%s: export -> import -> export differs", CONFIGS[i][0]);
+        free(xa);
+        free(xc);
+        a.e.p->seq_close(c.s);
+        plug_close(&a);
+    }
+    outs_free(&g, o);
+    toks_free(&t);
+}
+END_TEST
+
 /* Quantized kept tokens: at t = 1 (nothing evicted) 8-bit rows stay close
  * to full; in budget mode the same kv_ratio keeps more tokens than fp16
  * rows do, inside the budget. */
@@ -722,6 +774,7 @@ int main(int argc, char **argv)
         tcase_add_test(tc, uniform_head_picks_full);
         tcase_add_test(tc, t1_equals_full);
         tcase_add_test(tc, batched_equals_token_by_token);
+    tcase_add_test(tc, import_restores_stats_after_eviction);
         tcase_add_test(tc, budget_mode_keeps_its_promise);
         tcase_add_test(tc, quantized_rows_compose_with_eviction);
     }
