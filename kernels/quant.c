@@ -251,13 +251,19 @@ void kvck_q_dequantize(const kvck_qfmt *f, int mode, size_t n, const uint8_t *co
                        const uint16_t *sz, float *x, size_t ldx)
 {
     const uint32_t d = f->d;
-    float lev[KVCK_MAX_HEAD_DIM]; /* [d] levels of one row */
+    float lev[KVCK_MAX_HEAD_DIM];        /* [d] levels of one row */
+    float cs[KVCK_MAX_HEAD_DIM], cz[KVCK_MAX_HEAD_DIM]; /* [d] channel scales, zeros */
+    if (mode == KVCK_QS_CHANNEL) /* widened once for all n rows (exact: same values) */
+        for (uint32_t c = 0; c < d; c++) {
+            cs[c] = kvck_f16_to_f32(sz[2 * c]);
+            cz[c] = kvck_f16_to_f32(sz[2 * c + 1]);
+        }
     for (size_t j = 0; j < n; j++) {
         float *xr = x + j * ldx; /* [d] */
         kvcki_row_levels(f, codes + j * f->row_bytes, lev);
         if (mode == KVCK_QS_CHANNEL) {
             for (uint32_t c = 0; c < d; c++)
-                xr[c] = kvck_f16_to_f32(sz[2 * c + 1]) + kvck_f16_to_f32(sz[2 * c]) * lev[c];
+                xr[c] = cz[c] + cs[c] * lev[c];
             continue;
         }
         const uint16_t *szr = sz + j * (size_t)f->n_groups * 2; /* [n_groups][2] */
